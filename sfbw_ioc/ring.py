@@ -1,0 +1,159 @@
+"""The always-on ring buffer: raw bsread messages as received, addressed by arrival number.
+
+The receiver thread appends; acquisitions read. Every message gets a sequence number
+(``seq``) in arrival order, so a reader keeps a cursor that survives pulse ids that repeat
+or go back after a source restart, and knows exactly how many messages the ring dropped
+before it read them.
+"""
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+from .protocol import DataHeader
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    """One message as it came off the socket, plus what the receiver already parsed."""
+
+    pulse_id: int
+    global_timestamp_ns: int
+    header: DataHeader  # shared between all messages with the same data-header hash
+    frames: Sequence[bytes | memoryview]
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class RingStats:
+    count: int
+    nbytes: int
+    oldest_pulse_id: int | None
+    newest_pulse_id: int | None
+    next_seq: int  # seq the next appended message will get
+    dropped: int  # messages evicted since start
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    messages: list[RawMessage]
+    first_seq: int  # seq of messages[0] (or where reading resumes when empty)
+    lost: int  # messages between the requested seq and first_seq that the ring dropped
+
+
+class RingBuffer:
+    """Bounded by message count and by bytes; the oldest messages go first.
+
+    Thread-safe. ``wait_for`` lets a reader sleep until a message with a given seq exists.
+    """
+
+    def __init__(self, max_messages: int, max_bytes: int) -> None:
+        if max_messages < 1 or max_bytes < 1:
+            raise ValueError("the ring needs room for at least one message")
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self._slots: list[RawMessage | None] = [None] * max_messages
+        self._oldest_seq = 0
+        self._next_seq = 0
+        self._nbytes = 0
+        self._dropped = 0
+        self._cond = threading.Condition()
+
+    def append(self, message: RawMessage) -> int:
+        """Store a message (evicting the oldest as needed) and return its seq."""
+        with self._cond:
+            # A single message larger than the whole byte budget is still kept, alone:
+            # dropping it would lose data the operator may be acquiring right now.
+            while self._count() and (
+                self._count() >= self.max_messages
+                or self._nbytes + message.nbytes > self.max_bytes
+            ):
+                self._evict_oldest()
+            seq = self._next_seq
+            self._slots[seq % self.max_messages] = message
+            self._next_seq += 1
+            self._nbytes += message.nbytes
+            self._cond.notify_all()
+            return seq
+
+    def read(self, from_seq: int, max_count: int) -> ReadResult:
+        """Up to ``max_count`` messages starting at ``from_seq`` (or the oldest still held)."""
+        with self._cond:
+            first = max(from_seq, self._oldest_seq)
+            last = min(first + max_count, self._next_seq)
+            messages = [self._slot(seq) for seq in range(first, last)]
+            return ReadResult(messages, first, first - from_seq)
+
+    def find_start(self, pulse_id: int) -> int:
+        """Seq where an acquisition starting at ``pulse_id`` begins reading.
+
+        That is the newest buffered message with pulse id >= ``pulse_id`` whose
+        predecessor is below it or belongs to an earlier run of the source (its pulse id
+        is higher: the source restarted), so a restart's repeated pulse ids are taken
+        from the newest run. When no buffered message qualifies: ``next_seq``, and the
+        acquisition waits for live messages.
+        """
+        with self._cond:
+            newer: RawMessage | None = None
+            for seq in range(self._next_seq - 1, self._oldest_seq - 1, -1):
+                message = self._slot(seq)
+                if newer is not None and newer.pulse_id >= pulse_id and (
+                        message.pulse_id < pulse_id or message.pulse_id > newer.pulse_id):
+                    return seq + 1
+                newer = message
+            if newer is not None and newer.pulse_id >= pulse_id:
+                return self._oldest_seq
+            return self._next_seq
+
+    def wait_for(self, seq: int, timeout: float) -> bool:
+        """Block until a message with ``seq`` was appended, or ``timeout`` seconds pass."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._next_seq > seq, timeout)
+
+    def wake_readers(self) -> None:
+        """Wake threads blocked in ``wait_for`` so they can look at new commands."""
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def next_seq(self) -> int:
+        with self._cond:
+            return self._next_seq
+
+    def stats(self) -> RingStats:
+        with self._cond:
+            count = self._count()
+            oldest = self._slot(self._oldest_seq).pulse_id if count else None
+            newest = self._slot(self._next_seq - 1).pulse_id if count else None
+            return RingStats(count, self._nbytes, oldest, newest, self._next_seq, self._dropped)
+
+    def typical_pulse_step(self, window: int = 100) -> int:
+        """The most common positive pulse-id step among the newest ``window`` messages.
+
+        Streams step by 1 at 100 Hz, by 10 or 100 for slower sources; this is how a gap
+        is told apart from the stream's normal rate. 1 when nothing can be told.
+        """
+        with self._cond:
+            first = max(self._oldest_seq, self._next_seq - window)
+            pulse_ids = [self._slot(seq).pulse_id for seq in range(first, self._next_seq)]
+        steps = Counter(b - a for a, b in zip(pulse_ids, pulse_ids[1:]) if b > a)
+        return steps.most_common(1)[0][0] if steps else 1
+
+    def _count(self) -> int:
+        return self._next_seq - self._oldest_seq
+
+    def _slot(self, seq: int) -> RawMessage:
+        message = self._slots[seq % self.max_messages]
+        assert message is not None
+        return message
+
+    def _evict_oldest(self) -> None:
+        index = self._oldest_seq % self.max_messages
+        message = self._slots[index]
+        assert message is not None
+        self._nbytes -= message.nbytes
+        self._slots[index] = None
+        self._oldest_seq += 1
+        self._dropped += 1

@@ -1,0 +1,99 @@
+"""The ring buffer: bounds, arrival order, look-up by pulse id, readers that fall behind."""
+import threading
+
+import pytest
+
+from sfbw_ioc.protocol import DataHeader
+from sfbw_ioc.ring import RawMessage, RingBuffer
+
+HEADER = DataHeader("0" * 32, ())
+
+
+def message(pulse_id: int, nbytes: int = 10) -> RawMessage:
+    return RawMessage(pulse_id, 0, HEADER, [b"x" * nbytes], nbytes)
+
+
+def filled(pulse_ids, max_messages=100, max_bytes=10**6) -> RingBuffer:
+    ring = RingBuffer(max_messages, max_bytes)
+    for pulse_id in pulse_ids:
+        ring.append(message(pulse_id))
+    return ring
+
+
+def test_bounded_by_count_keeps_the_newest():
+    ring = filled(range(100, 125), max_messages=10)
+    stats = ring.stats()
+    assert (stats.count, stats.oldest_pulse_id, stats.newest_pulse_id) == (10, 115, 124)
+    assert stats.dropped == 15 and stats.next_seq == 25
+
+
+def test_bounded_by_bytes():
+    ring = RingBuffer(1000, max_bytes=35)
+    for pulse_id in range(10):
+        ring.append(message(pulse_id, nbytes=10))
+    stats = ring.stats()
+    assert stats.count == 3 and stats.nbytes == 30 and stats.oldest_pulse_id == 7
+
+
+def test_a_message_larger_than_the_byte_budget_is_kept_alone():
+    ring = RingBuffer(1000, max_bytes=35)
+    ring.append(message(1))
+    ring.append(message(2, nbytes=100))
+    stats = ring.stats()
+    assert (stats.count, stats.nbytes, stats.oldest_pulse_id) == (1, 100, 2)
+
+
+def test_read_reports_what_the_ring_dropped_before_the_reader_came():
+    ring = filled(range(20), max_messages=5)
+    result = ring.read(3, 100)
+    assert result.first_seq == 15 and result.lost == 12
+    assert [m.pulse_id for m in result.messages] == [15, 16, 17, 18, 19]
+    assert ring.read(20, 10).messages == [] and ring.read(20, 10).lost == 0
+
+
+def test_find_start_in_a_monotonic_stream():
+    ring = filled(range(100, 200, 10))
+    assert ring.find_start(130) == 3
+    assert ring.find_start(125) == 3  # between two pulses: the next one
+    assert ring.find_start(50) == 0  # older than the buffer: from the oldest
+    assert ring.find_start(500) == ring.next_seq  # future: wait for live messages
+
+
+def test_find_start_takes_the_newest_run_after_a_source_restart():
+    # The source restarted and sent the same pulse ids again.
+    ring = filled([100, 101, 102, 103, 100, 101, 102])
+    assert ring.find_start(101) == 5
+    # A restart far below the start: the older run holds the start.
+    ring = filled([100, 101, 102, 103, 5, 6])
+    assert ring.find_start(101) == 1
+
+
+def test_find_start_is_not_fooled_by_a_repeated_pulse():
+    ring = filled([100, 101, 102, 102, 103])
+    assert ring.find_start(101) == 1
+
+
+def test_typical_pulse_step_ignores_gaps():
+    assert filled([0, 10, 20, 30, 60, 70, 80]).typical_pulse_step() == 10
+    assert filled([5]).typical_pulse_step() == 1
+
+
+def test_wait_for_wakes_when_the_message_arrives():
+    ring = RingBuffer(10, 1000)
+    woke = threading.Event()
+
+    def reader():
+        if ring.wait_for(0, timeout=10):
+            woke.set()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    ring.append(message(1))
+    thread.join(10)
+    assert woke.is_set()
+    assert ring.wait_for(5, timeout=0.01) is False
+
+
+def test_rejects_a_ring_without_room():
+    with pytest.raises(ValueError):
+        RingBuffer(0, 100)
