@@ -1,0 +1,684 @@
+"""bsread codec: main header, data header, channel values (decode and encode).
+
+The wire format is described in ../shared/bsread/README.md. This module is pure
+(no sockets, no threads, no files) so that the receiver, the writer and the simulator
+share one definition of the format.
+
+Contract used by the rest of the package:
+- ``parse_main_header(part) -> MainHeader`` (cheap: the receiver calls it per message).
+- ``HeaderCache.get(main, part) -> DataHeader``: parses a data header only when its
+  hash changes.
+- ``check_structure(header, frames)``: cheap per-message plausibility check (part count,
+  sizes of uncompressed values and of timestamps); raises ``MalformedMessage``.
+- ``decode_values(header, frames) -> (values, errors)``: full decode of every channel;
+  a channel whose value cannot be decoded is returned absent and its error listed.
+- ``encode_message(...) -> list[bytes]``: the reference sender's format; ``Encoder`` does
+  the same but serialises and hashes each distinct data header only once.
+- ``wire_dtype(spec)`` and ``value_nbytes(spec)``: how a channel's value looks on the wire
+  (e.g. to store bitshuffle_lz4 values as HDF5 chunks without decompressing them).
+
+``MalformedMessage.kind`` is one of "main_header", "data_header", "data_header_hash",
+"part_count", "timestamp_size", "value_size", "compression" (undecodable lz4 or
+bitshuffle data) and "string" (not UTF-8).
+
+Every decoder treats its input as hostile: sizes declared inside a message are checked
+against the data header (or a fixed bound) before anything is allocated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Iterator, Sequence
+
+import bitshuffle
+import lz4.block
+import numpy as np
+
+# bsread type name -> numpy type code (byte order added from the channel's encoding).
+BSREAD_TYPES: dict[str, str] = {
+    "int8": "i1",
+    "uint8": "u1",
+    "int16": "i2",
+    "uint16": "u2",
+    "int32": "i4",
+    "uint32": "u4",
+    "int64": "i8",
+    "uint64": "u8",
+    "float32": "f4",
+    "float64": "f8",
+    "bool": "?",
+    "string": "u1",
+}
+COMPRESSIONS = ("none", "lz4", "bitshuffle_lz4")
+ENCODINGS = ("little", "big")
+
+# Any object exporting a contiguous byte buffer: bytes, memoryview, zmq.Frame, ...
+Buffer = Any
+
+NS_PER_SECOND = 1_000_000_000
+TIMESTAMP_SIZE = 16
+LZ4_HEADER_SIZE = 4
+BSLZ4_HEADER_SIZE = 12
+
+# Bounds on what a (possibly lying) message can make us allocate. Values are also bounded
+# by their declared shape; strings and data headers have no declared size.
+MAX_VALUE_BYTES = 1 << 30
+MAX_STRING_BYTES = 64 << 20
+MAX_DATA_HEADER_BYTES = 64 << 20
+
+_MAX_PULSE_ID = 1 << 63
+# An LZ4 block spends at least one byte per 255 bytes of output, and the LZ4 encoder never
+# grows its input by more than its compressBound; a size outside both cannot be genuine.
+_LZ4_MAX_RATIO = 255
+# The reference sender's bitshuffle block (bitshuffle's own default): 8 KiB.
+_BSLZ4_BLOCK_BYTES = 8192
+_BSLZ4_HEADER = struct.Struct(">QI")
+_BSLZ4_BLOCK_PREFIX = struct.Struct(">I")
+_TIMESTAMP = {"little": struct.Struct("<qq"), "big": struct.Struct(">qq")}
+# bitshuffle only cares about element size; unsigned views keep byte order out of it.
+_UINT = {1: np.dtype("u1"), 2: np.dtype("u2"), 4: np.dtype("u4"), 8: np.dtype("u8")}
+
+
+class MalformedMessage(ValueError):
+    """A message (or one channel of it) that does not follow the protocol.
+
+    ``kind`` is a short, stable category ("main_header", "data_header", "part_count",
+    "value_size", "compression", ...) so that callers can count and log once per kind.
+    """
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class MainHeader:
+    pulse_id: int
+    global_timestamp_ns: int
+    hash: str
+    dh_compression: str  # one of COMPRESSIONS
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSpec:
+    """One channel as declared in a data header.
+
+    ``shape`` is in numpy order (slowest dimension first), ``()`` for a scalar; the wire
+    sends it fastest first and ``[1]`` (or nothing) for a scalar.
+    """
+
+    name: str
+    type: str  # lower-case bsread type, a key of BSREAD_TYPES
+    shape: tuple[int, ...]
+    encoding: str = "little"
+    compression: str = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class DataHeader:
+    hash: str
+    channels: tuple[ChannelSpec, ...]
+    # Per channel: (exact value-part size or None, minimum value-part size). Derived once
+    # per header so that check_structure is a single pass over the part lengths.
+    value_part_sizes: tuple[tuple[int | None, int], ...] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "value_part_sizes", tuple(map(_value_part_size, self.channels))
+        )
+
+
+@dataclass(slots=True)
+class ChannelValue:
+    """One decoded channel value of one message.
+
+    ``value``: a numpy array in native byte order with the spec's numpy shape (``()``
+    for scalars; bool as numpy bool), a ``str`` for string channels, or ``None`` when
+    the message carried no value for the channel (then ``spec`` is only what the sender
+    declared, which the reference sender sets to float64/[1]: do not trust it).
+    Arrays may be read-only views sharing memory with the message's frames.
+    ``timestamp_ns``: the channel's own timestamp in ns since the epoch, 0 when absent.
+    """
+
+    spec: ChannelSpec
+    value: np.ndarray | str | None
+    timestamp_ns: int
+
+
+# --- shared by decode and encode -------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def _dtype(type_: str, encoding: str) -> np.dtype:
+    return np.dtype(BSREAD_TYPES[type_]).newbyteorder("<" if encoding == "little" else ">")
+
+
+def wire_dtype(spec: ChannelSpec) -> np.dtype:
+    """The numpy dtype of the channel's bytes on the wire (uint8 for strings)."""
+    return _dtype(spec.type, spec.encoding)
+
+
+def value_nbytes(spec: ChannelSpec) -> int | None:
+    """Uncompressed size of one value in bytes; None for strings (their length varies)."""
+    if spec.type == "string":
+        return None
+    return math.prod(spec.shape) * wire_dtype(spec).itemsize
+
+
+def _value_part_size(spec: ChannelSpec) -> tuple[int | None, int]:
+    if spec.compression == "lz4":
+        return None, LZ4_HEADER_SIZE
+    if spec.compression == "bitshuffle_lz4":
+        return None, BSLZ4_HEADER_SIZE
+    return value_nbytes(spec), 0
+
+
+def _md5(part: Buffer) -> str:
+    return hashlib.md5(part, usedforsecurity=False).hexdigest()
+
+
+def _compress(raw: bytes, compression: str, itemsize: int, big_endian: bool) -> bytes:
+    if compression == "lz4":
+        prefix = len(raw).to_bytes(LZ4_HEADER_SIZE, "big" if big_endian else "little")
+        return prefix + lz4.block.compress(raw, store_size=False)
+    if compression == "bitshuffle_lz4":
+        block = _BSLZ4_BLOCK_BYTES // itemsize
+        body = bitshuffle.compress_lz4(np.frombuffer(raw, _UINT[itemsize]), block)
+        return _BSLZ4_HEADER.pack(len(raw), block * itemsize) + body.tobytes()
+    return raw
+
+
+def _decompress(
+    part: Buffer,
+    compression: str,
+    itemsize: int,
+    expected: int | None,
+    limit: int,
+    big_endian: bool,
+) -> Buffer:
+    """Uncompressed bytes of ``part``: exactly ``expected`` bytes when that is known,
+    else at most ``limit``."""
+    if compression == "none":
+        return part
+    if compression == "lz4":
+        return _lz4_decompress(memoryview(part), expected, limit, big_endian)
+    if compression == "bitshuffle_lz4":
+        return _bslz4_decompress(memoryview(part), itemsize, expected, limit)
+    raise MalformedMessage("compression", f"unknown compression {compression!r}")
+
+
+def _lz4_decompress(
+    view: memoryview, expected: int | None, limit: int, big_endian: bool
+) -> bytes:
+    if len(view) < LZ4_HEADER_SIZE:
+        raise MalformedMessage("value_size", f"{len(view)}-byte lz4 value has no size prefix")
+    payload = view[LZ4_HEADER_SIZE:]
+    sizes = _lz4_sizes(view[:LZ4_HEADER_SIZE], len(payload), expected, limit, big_endian)
+    if not sizes:
+        raise MalformedMessage(
+            "value_size",
+            f"lz4 size prefix {view[:LZ4_HEADER_SIZE].hex()} does not give "
+            + (f"the expected {expected} bytes" if expected is not None else "a plausible size"),
+        )
+    failure = ""
+    for size in sizes:
+        try:
+            raw = lz4.block.decompress(payload, uncompressed_size=size)
+        except (lz4.block.LZ4BlockError, ValueError, OverflowError) as exc:
+            failure = str(exc)
+            continue
+        # python-lz4 takes uncompressed_size as a capacity, not as a promise.
+        if len(raw) == size:
+            return raw
+        failure = f"decompressed to {len(raw)} bytes, prefix says {size}"
+    raise MalformedMessage("compression", f"lz4: {failure}")
+
+
+def _lz4_sizes(
+    prefix: memoryview, payload_len: int, expected: int | None, limit: int, big_endian: bool
+) -> list[int]:
+    """Readings of the lz4 size prefix worth trying, most likely first.
+
+    The reference Python sender writes the prefix in the channel's byte order, PSI's C++
+    sender always big-endian; the wrong reading almost always gives an impossible size.
+    """
+    orders = ("big", "little") if big_endian else ("little", "big")
+    readings = dict.fromkeys(int.from_bytes(prefix, order) for order in orders)
+    if expected is not None:
+        return [size for size in readings if size == expected]
+    return [
+        size
+        for size in readings
+        if size <= limit
+        and size <= _LZ4_MAX_RATIO * payload_len
+        and payload_len <= size + size // 255 + 16
+    ]
+
+
+def _bslz4_decompress(
+    view: memoryview, itemsize: int, expected: int | None, limit: int
+) -> memoryview:
+    """bitshuffle_lz4, i.e. the HDF5 bitshuffle filter's chunk format.
+
+    Decoded block by block with the bounds-checked LZ4 decoder: bitshuffle's own
+    decompress_lz4 trusts the block sizes in the data and crashes the process on a
+    corrupt one.
+    """
+    if len(view) < BSLZ4_HEADER_SIZE:
+        raise MalformedMessage("value_size", f"{len(view)}-byte bitshuffle_lz4 value has no header")
+    nbytes, block_bytes = _BSLZ4_HEADER.unpack_from(view)
+    if expected is not None and nbytes != expected:
+        raise MalformedMessage(
+            "value_size", f"bitshuffle_lz4 declares {nbytes} bytes, expected {expected}"
+        )
+    if expected is None and nbytes > limit:
+        raise MalformedMessage(
+            "value_size", f"bitshuffle_lz4 declares {nbytes} bytes, limit {limit}"
+        )
+    if nbytes % itemsize or not block_bytes or block_bytes % (8 * itemsize):
+        raise MalformedMessage(
+            "compression", f"bitshuffle_lz4: {nbytes} bytes in blocks of {block_bytes} bytes "
+            f"do not fit {itemsize}-byte elements"
+        )
+    count = nbytes // itemsize
+    # A block longer than the value is the same layout as one block of the value's
+    # whole multiple of 8 (and bitunshuffle wants the block size to fit a C int).
+    block = min(block_bytes // itemsize, max(8, count - count % 8))
+    spans = _bslz4_spans(view, count, block, itemsize)
+    shuffled = bytearray(nbytes)
+    start = 0
+    try:
+        for begin, end, size in spans:
+            raw = lz4.block.decompress(view[begin:end], uncompressed_size=size)
+            if len(raw) != size:
+                raise MalformedMessage("compression", "bitshuffle_lz4: short block")
+            shuffled[start : start + size] = raw
+            start += size
+    except lz4.block.LZ4BlockError as exc:
+        raise MalformedMessage("compression", f"bitshuffle_lz4: {exc}") from None
+    # Elements past the last multiple of 8 are stored as they are, after the blocks.
+    shuffled[start:] = view[len(view) - (nbytes - start) :]
+    unshuffled = bitshuffle.bitunshuffle(np.frombuffer(shuffled, _UINT[itemsize]), block)
+    return memoryview(unshuffled).cast("B")
+
+
+def _bslz4_spans(
+    view: memoryview, count: int, block: int, itemsize: int
+) -> list[tuple[int, int, int]]:
+    """(start, end, uncompressed size) of every LZ4 block, checked to tile the value
+    exactly (before anything is allocated for the output)."""
+    spans = []
+    pos = BSLZ4_HEADER_SIZE
+    for elements in _bslz4_block_elements(count, block):
+        if pos + _BSLZ4_BLOCK_PREFIX.size > len(view):
+            raise MalformedMessage("value_size", "bitshuffle_lz4 value truncated")
+        (length,) = _BSLZ4_BLOCK_PREFIX.unpack_from(view, pos)
+        pos += _BSLZ4_BLOCK_PREFIX.size
+        spans.append((pos, pos + length, elements * itemsize))
+        pos += length
+    if pos + (count % 8) * itemsize != len(view):
+        raise MalformedMessage(
+            "value_size", f"bitshuffle_lz4 blocks end at byte {pos} of {len(view)}"
+        )
+    return spans
+
+
+def _bslz4_block_elements(count: int, block: int) -> Iterator[int]:
+    full, rest = divmod(count, block)
+    yield from itertools.repeat(block, full)
+    if rest >= 8:
+        yield rest - rest % 8
+
+
+# --- main header -----------------------------------------------------------------------
+
+
+def parse_main_header(part: Buffer) -> MainHeader:
+    """Parse the first part of a message; raises MalformedMessage("main_header", ...)."""
+    obj = _load_json(part, "main_header")
+    htype = obj.get("htype")
+    if not isinstance(htype, str) or not htype.startswith("bsr_m"):
+        raise MalformedMessage("main_header", f"htype {htype!r} is not bsr_m")
+    pulse_id = obj.get("pulse_id")
+    # type(), not isinstance(): JSON true would otherwise pass as pulse id 1.
+    if type(pulse_id) is not int or not 0 <= pulse_id < _MAX_PULSE_ID:
+        raise MalformedMessage("main_header", f"pulse_id {pulse_id!r} is not a 64-bit id")
+    digest = obj.get("hash")
+    if not isinstance(digest, str) or not digest:
+        raise MalformedMessage("main_header", f"hash {digest!r} is not a string")
+    compression = _compression(obj.get("dh_compression"), "main_header")
+    timestamp_ns = _global_timestamp_ns(obj.get("global_timestamp"))
+    return MainHeader(pulse_id, timestamp_ns, digest, compression)
+
+
+def _load_json(part: Buffer, kind: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(bytes(part))
+    # UnicodeDecodeError is a ValueError; absurd nesting exhausts the recursion limit.
+    except (ValueError, RecursionError) as exc:
+        raise MalformedMessage(kind, f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise MalformedMessage(kind, "not a JSON object")
+    return obj
+
+
+def _global_timestamp_ns(stamp: Any) -> int:
+    if stamp is None:
+        return 0  # unknown; the pulse id still orders the message
+    if not isinstance(stamp, dict):
+        raise MalformedMessage("main_header", f"global_timestamp {stamp!r} is not an object")
+    sec, ns = stamp.get("sec", 0), stamp.get("ns", 0)
+    if type(sec) is not int or type(ns) is not int or sec < 0 or ns < 0:
+        raise MalformedMessage("main_header", f"global_timestamp {stamp!r} is not sec/ns")
+    return sec * NS_PER_SECOND + ns
+
+
+def _compression(value: Any, kind: str) -> str:
+    if value is None:
+        return "none"
+    if not isinstance(value, str) or value not in COMPRESSIONS:
+        raise MalformedMessage(kind, f"unknown compression {value!r}")
+    return value
+
+
+# --- data header -----------------------------------------------------------------------
+
+
+def parse_data_header(part: Buffer, compression: str) -> DataHeader:
+    """Parse the second part of a message (``compression`` from the main header)."""
+    return _parse_data_header(part, compression, _md5(part))
+
+
+def _parse_data_header(part: Buffer, compression: str, digest: str) -> DataHeader:
+    try:
+        raw = _decompress(part, compression, 1, None, MAX_DATA_HEADER_BYTES, False)
+    except MalformedMessage as exc:
+        raise MalformedMessage("data_header", exc.detail) from None
+    obj = _load_json(raw, "data_header")
+    htype = obj.get("htype")
+    if not isinstance(htype, str) or not htype.startswith("bsr_d"):
+        raise MalformedMessage("data_header", f"htype {htype!r} is not bsr_d")
+    channels = obj.get("channels")
+    if not isinstance(channels, list):
+        raise MalformedMessage("data_header", "channels is not a list")
+    specs = tuple(map(_parse_channel, channels))
+    if len({spec.name for spec in specs}) != len(specs):
+        raise MalformedMessage("data_header", "duplicate channel names")
+    return DataHeader(digest, specs)
+
+
+def _parse_channel(obj: Any) -> ChannelSpec:
+    if not isinstance(obj, dict):
+        raise MalformedMessage("data_header", f"channel {obj!r} is not an object")
+    name = obj.get("name")
+    if not isinstance(name, str) or not name:
+        raise MalformedMessage("data_header", f"channel name {name!r} is not a string")
+    try:
+        spec = ChannelSpec(
+            name,
+            _channel_type(obj.get("type")),
+            _channel_shape(obj.get("shape")),
+            _channel_encoding(obj.get("encoding")),
+            _compression(obj.get("compression"), "data_header"),
+        )
+    except MalformedMessage as exc:
+        raise MalformedMessage("data_header", f"channel {name!r}: {exc.detail}") from None
+    if (value_nbytes(spec) or 0) > MAX_VALUE_BYTES:
+        raise MalformedMessage(
+            "data_header", f"channel {name!r}: value of over {MAX_VALUE_BYTES} bytes"
+        )
+    return spec
+
+
+def _channel_type(value: Any) -> str:
+    if value is None:
+        return "float64"
+    type_ = value.lower() if isinstance(value, str) else None
+    if type_ not in BSREAD_TYPES:
+        raise MalformedMessage("data_header", f"unknown type {value!r}")
+    return type_
+
+
+def _channel_shape(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(type(d) is int and d > 0 for d in value):
+        raise MalformedMessage("data_header", f"shape {value!r} is not a list of sizes")
+    shape = tuple(reversed(value))  # the wire lists the fastest dimension first
+    return () if shape == (1,) else shape
+
+
+def _channel_encoding(value: Any) -> str:
+    if value is None:
+        return "little"
+    encoding = value.lower() if isinstance(value, str) else None
+    if encoding not in ENCODINGS:
+        raise MalformedMessage("data_header", f"unknown encoding {value!r}")
+    return encoding
+
+
+class HeaderCache:
+    """Data headers by hash: the sender repeats the header with every message, so it is
+    parsed (and its hash checked) only when the hash was not seen recently.
+
+    A few headers are kept, not one, because a stream can alternate between headers (a
+    channel that has no value in every other pulse changes the declared type).
+    """
+
+    def __init__(self, size: int = 16) -> None:
+        self._size = size
+        self._headers: OrderedDict[tuple[str, str], DataHeader] = OrderedDict()
+        self.parses = 0  # data headers actually parsed, for tests and statistics
+
+    def get(self, main: MainHeader, part: Buffer) -> DataHeader:
+        key = (main.hash, main.dh_compression)
+        header = self._headers.get(key)
+        if header is not None:
+            self._headers.move_to_end(key)
+            return header
+        digest = _md5(part)
+        if digest != main.hash:
+            raise MalformedMessage(
+                "data_header_hash", f"md5 {digest} != main header hash {main.hash!r}"
+            )
+        self.parses += 1
+        header = _parse_data_header(part, main.dh_compression, digest)
+        self._headers[key] = header
+        if len(self._headers) > self._size:
+            self._headers.popitem(last=False)
+        return header
+
+
+# --- values ----------------------------------------------------------------------------
+
+
+def check_structure(header: DataHeader, frames: Sequence[Buffer]) -> None:
+    """Cheap plausibility check of a whole message (no decompression).
+
+    Raises MalformedMessage with kind "part_count", "timestamp_size" or "value_size".
+    """
+    _check_part_count(header, frames)
+    lengths = list(map(len, frames))
+    checks = zip(header.value_part_sizes, lengths[2::2], lengths[3::2])
+    for index, ((exact, minimum), value_len, stamp_len) in enumerate(checks):
+        if stamp_len != TIMESTAMP_SIZE:
+            if stamp_len or value_len:  # both empty = no value in this pulse
+                raise MalformedMessage(
+                    "timestamp_size",
+                    f"{header.channels[index].name}: {stamp_len}-byte timestamp "
+                    f"with a {value_len}-byte value",
+                )
+        elif value_len < minimum or (exact is not None and value_len != exact):
+            raise MalformedMessage(
+                "value_size",
+                f"{header.channels[index].name}: {value_len} bytes, expected "
+                + (f"{exact}" if exact is not None else f"at least {minimum}"),
+            )
+
+
+def _check_part_count(header: DataHeader, frames: Sequence[Buffer]) -> None:
+    expected = 2 + 2 * len(header.channels)
+    if len(frames) != expected:
+        raise MalformedMessage("part_count", f"{len(frames)} parts, expected {expected}")
+
+
+def decode_value(spec: ChannelSpec, value_part: Buffer, timestamp_part: Buffer) -> ChannelValue:
+    """Decode one channel of one message; raises MalformedMessage."""
+    if not len(value_part) and not len(timestamp_part):
+        return ChannelValue(spec, None, 0)
+    value = _decode_payload(spec, value_part)
+    return ChannelValue(spec, value, _decode_timestamp(spec, timestamp_part))
+
+
+def decode_values(
+    header: DataHeader, frames: Sequence[Buffer]
+) -> tuple[list[ChannelValue], list[MalformedMessage]]:
+    """Decode every channel; a channel that cannot be decoded comes back absent and its
+    error is listed. Never raises MalformedMessage."""
+    try:
+        _check_part_count(header, frames)
+    except MalformedMessage as exc:
+        return [ChannelValue(spec, None, 0) for spec in header.channels], [exc]
+    values, errors = [], []
+    for index, spec in enumerate(header.channels):
+        try:
+            values.append(decode_value(spec, frames[2 + 2 * index], frames[3 + 2 * index]))
+        except MalformedMessage as exc:
+            values.append(ChannelValue(spec, None, 0))
+            errors.append(MalformedMessage(exc.kind, f"{spec.name}: {exc.detail}"))
+    return values, errors
+
+
+def _decode_payload(spec: ChannelSpec, part: Buffer) -> np.ndarray | str:
+    dtype = wire_dtype(spec)
+    expected = value_nbytes(spec)
+    raw = _decompress(
+        part, spec.compression, dtype.itemsize, expected, MAX_STRING_BYTES, spec.encoding == "big"
+    )
+    if expected is None:
+        try:
+            return bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MalformedMessage("string", f"not UTF-8: {exc}") from None
+    if len(raw) != expected:
+        raise MalformedMessage("value_size", f"{len(raw)} bytes, expected {expected}")
+    array = np.frombuffer(raw, dtype).reshape(spec.shape)
+    if spec.type == "bool":
+        return array.view(np.uint8).astype(bool)  # any non-zero byte is true, as in C
+    return array if dtype.isnative else array.astype(dtype.newbyteorder("="))
+
+
+def _decode_timestamp(spec: ChannelSpec, part: Buffer) -> int:
+    if len(part) != TIMESTAMP_SIZE:
+        raise MalformedMessage("timestamp_size", f"{len(part)}-byte timestamp")
+    sec, ns = _TIMESTAMP[spec.encoding].unpack(part)
+    return sec * NS_PER_SECOND + ns
+
+
+# --- encode ----------------------------------------------------------------------------
+
+
+class Encoder:
+    """Builds messages in the reference sender's format.
+
+    The data header is serialised, compressed and hashed once per distinct declaration
+    and reused, so a steady stream pays per message only for its main header and values.
+    """
+
+    def __init__(self, dh_compression: str = "none", cache_size: int = 16) -> None:
+        if dh_compression not in COMPRESSIONS:
+            raise ValueError(f"unknown data header compression {dh_compression!r}")
+        self.dh_compression = dh_compression
+        self._cache_size = cache_size
+        self._headers: OrderedDict[tuple[ChannelSpec, ...], tuple[bytes, str]] = OrderedDict()
+
+    def encode(
+        self,
+        pulse_id: int,
+        global_timestamp_ns: int,
+        channels: Sequence[tuple[ChannelSpec, Any, int]],
+    ) -> list[bytes]:
+        """``channels``: (spec, value or None, timestamp_ns) in data-header order."""
+        declared = tuple(
+            spec if value is not None else _absent_spec(spec) for spec, value, _ in channels
+        )
+        data_header, digest = self._data_header(declared)
+        parts = [self._main_header(pulse_id, global_timestamp_ns, digest), data_header]
+        for spec, value, timestamp_ns in channels:
+            parts.extend(_encode_channel(spec, value, timestamp_ns))
+        return parts
+
+    def _main_header(self, pulse_id: int, global_timestamp_ns: int, digest: str) -> bytes:
+        header: dict[str, Any] = {"htype": "bsr_m-1.1"}
+        if self.dh_compression != "none":
+            header["dh_compression"] = self.dh_compression
+        sec, ns = divmod(global_timestamp_ns, NS_PER_SECOND)
+        header.update(hash=digest, pulse_id=pulse_id, global_timestamp={"sec": sec, "ns": ns})
+        return json.dumps(header).encode()
+
+    def _data_header(self, specs: tuple[ChannelSpec, ...]) -> tuple[bytes, str]:
+        cached = self._headers.get(specs)
+        if cached is None:
+            text = json.dumps({"htype": "bsr_d-1.1", "channels": list(map(_channel_json, specs))})
+            part = _compress(text.encode(), self.dh_compression, 1, False)
+            cached = self._headers[specs] = (part, _md5(part))
+            if len(self._headers) > self._cache_size:
+                self._headers.popitem(last=False)
+        return cached
+
+
+def encode_message(
+    pulse_id: int,
+    global_timestamp_ns: int,
+    channels: Sequence[tuple[ChannelSpec, Any, int]],
+    dh_compression: str = "none",
+) -> list[bytes]:
+    """One message in the reference sender's format; see Encoder for a stream."""
+    return Encoder(dh_compression).encode(pulse_id, global_timestamp_ns, channels)
+
+
+def _absent_spec(spec: ChannelSpec) -> ChannelSpec:
+    # What the reference sender declares for a channel without a value.
+    return dataclasses.replace(spec, type="float64", shape=())
+
+
+def _channel_json(spec: ChannelSpec) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "name": spec.name,
+        "type": spec.type,
+        "shape": list(reversed(spec.shape)) or [1],
+        "encoding": spec.encoding,
+    }
+    if spec.compression != "none":
+        entry["compression"] = spec.compression
+    return entry
+
+
+def _encode_channel(spec: ChannelSpec, value: Any, timestamp_ns: int) -> tuple[bytes, bytes]:
+    if value is None:
+        return b"", b""
+    itemsize = wire_dtype(spec).itemsize
+    raw = _compress(_value_bytes(spec, value), spec.compression, itemsize, spec.encoding == "big")
+    sec, ns = divmod(timestamp_ns, NS_PER_SECOND)
+    return raw, _TIMESTAMP[spec.encoding].pack(sec, ns)
+
+
+def _value_bytes(spec: ChannelSpec, value: Any) -> bytes:
+    if spec.type == "string":
+        if not isinstance(value, str):
+            raise TypeError(f"{spec.name}: string channel given {type(value).__name__}")
+        return value.encode()
+    array = np.asarray(value, dtype=wire_dtype(spec))
+    if array.shape != spec.shape:
+        raise ValueError(f"{spec.name}: value of shape {array.shape}, declared {spec.shape}")
+    return array.tobytes()
