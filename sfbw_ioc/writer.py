@@ -1,0 +1,450 @@
+"""HDF5 file writer: one file per pulse range, in the SwissFEL layout.
+
+A small open/append/flush/close interface (like areaDetector's NDFileHDF5) with the
+file format behind it::
+
+    /general/{created,user,process,instrument}   scalar UTF-8 strings
+    /data/<channel>/data              one row per message; scalars as (N, 1)
+    /data/<channel>/data(1), ...      earlier definitions after a type or shape change
+    /data/<channel>/pulse_id          int64 (N,)
+    /data/<channel>/is_data_present   uint8 (N,)
+    /data/<channel>/timestamp         int64 (N,), ns since the epoch, 0 when absent
+
+Every channel has a row for every message (row-aligned), also where the message had no
+value for it. The file is written as ``<target>.partial`` and only appears under its
+final name once complete; an existing file is never overwritten.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import re
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import h5py
+import hdf5plugin  # registers the bitshuffle filter with HDF5
+import numpy as np
+
+from sfbw_ioc.protocol import BSREAD_TYPES, ChannelValue
+
+log = logging.getLogger(__name__)
+
+GENERAL_KEYS = ("user", "process", "instrument")
+NOT_GIVEN = "not given"
+
+# Chunks of small values: big enough for efficient reads of whole files, small enough
+# that the partly used last chunk of each dataset of a short file wastes little space.
+CHUNK_TARGET_BYTES = 256 * 1024
+MAX_CHUNK_ROWS = 8192  # 64 KiB of int64, 82 s at 100 Hz
+# A row at least this big (or any value of >= 2 dimensions) is an image: one per chunk.
+IMAGE_ROW_BYTES = 64 * 1024
+# Rows are written early when the buffered values reach this size, to bound memory.
+BATCH_BYTES_LIMIT = 64 * 1024 * 1024
+
+# Direct-chunk writing of bitshuffle_lz4 wire values relies on exactly this filter.
+IMAGE_FILTER = hdf5plugin.Bitshuffle(nelems=0, cname="lz4")
+
+_STRING_DTYPE = h5py.string_dtype("utf-8")
+_VLEN_BYTES = 16  # size of one variable-length reference in the file
+_ERRNO_IN_MESSAGE = re.compile(r"errno = (\d+)")
+
+
+@dataclass(frozen=True, slots=True)
+class _Definition:
+    """What one channel's ``data`` dataset holds: a bsread type and a numpy shape."""
+
+    bsread_type: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, value: ChannelValue) -> _Definition:
+        """The definition of a present value (its spec is trustworthy then)."""
+        name, bsread_type = value.spec.name, value.spec.type
+        if bsread_type == "string":
+            if not isinstance(value.value, str):
+                raise TypeError(f"string channel {name!r} carries a {type(value.value).__name__}")
+            return cls("string", ())
+        if bsread_type not in BSREAD_TYPES:
+            raise ValueError(f"channel {name!r} has unknown bsread type {bsread_type!r}")
+        if not isinstance(value.value, (np.ndarray, np.generic)):  # numpy scalars too
+            raise TypeError(f"channel {name!r} carries a {type(value.value).__name__}")
+        return cls(bsread_type, value.value.shape)
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return self.shape or (1,)
+
+    @property
+    def dtype(self) -> np.dtype:
+        if self.bsread_type == "string":
+            return _STRING_DTYPE
+        if self.bsread_type == "bool":
+            return np.dtype(np.uint8)  # HDF5 has no bool; the bsread_type attribute says so
+        return np.dtype(BSREAD_TYPES[self.bsread_type])
+
+    @property
+    def fill(self) -> str | int:
+        return "" if self.bsread_type == "string" else 0
+
+    @property
+    def row_bytes(self) -> int:
+        item = _VLEN_BYTES if self.bsread_type == "string" else self.dtype.itemsize
+        return item * math.prod(self.row_shape)
+
+    def layout(self) -> dict[str, Any]:
+        """Chunking and filter options for ``create_dataset``."""
+        # A zero-length dimension cannot be chunked as fixed; let it be extendible.
+        maxshape = (None,) + tuple(size or None for size in self.row_shape)
+        chunk_shape = tuple(size or 1 for size in self.row_shape)
+        if len(self.shape) >= 2 or self.row_bytes >= IMAGE_ROW_BYTES:
+            options: dict[str, Any] = {"chunks": (1,) + chunk_shape}
+            if len(self.shape) >= 2:
+                options.update(IMAGE_FILTER)
+        else:
+            options = {"chunks": (_chunk_rows(self.row_bytes),) + chunk_shape}
+        return {"maxshape": maxshape, **options}
+
+
+PLACEHOLDER = _Definition("float64", ())  # the data of a channel never present in a file
+
+
+def _chunk_rows(row_bytes: int) -> int:
+    return max(1, min(MAX_CHUNK_ROWS, CHUNK_TARGET_BYTES // max(1, row_bytes)))
+
+
+def _value_bytes(value: np.ndarray | str) -> int:
+    return len(value) if isinstance(value, str) else value.nbytes
+
+
+class _Channel:
+    """One channel's datasets, and its rows buffered since the last write."""
+
+    def __init__(self, name: str, data_group: h5py.Group) -> None:
+        self.name = name
+        self.definition: _Definition | None = None
+        self._data_group = data_group
+        self._group: h5py.Group | None = None
+        self._row_datasets: dict[str, h5py.Dataset] = {}
+        self._data: h5py.Dataset | None = None
+        self._definition_first_row = 0
+        self._retired = 0
+        # Present values buffered since the last write; absent rows are not stored.
+        self._pending_rows: list[int] = []
+        self._pending_values: list[np.ndarray | str] = []
+        self._pending_timestamps: list[int] = []
+
+    def redefine(self, definition: _Definition, row: int) -> None:
+        """Start a new ``data`` at ``row``; the old one (fully written) moves aside."""
+        assert self._data is not None and self._group is not None and not self._pending_rows
+        self._retired += 1
+        self._data.attrs["last_row"] = row - 1
+        self._group.move("data", f"data({self._retired})")
+        self._data = None
+        self.definition = definition
+        self._definition_first_row = row
+
+    def buffer(self, row: int, value: np.ndarray | str, timestamp_ns: int) -> None:
+        self._pending_rows.append(row)
+        self._pending_values.append(value)
+        self._pending_timestamps.append(timestamp_ns)
+
+    def write(self, start: int, end: int, pulse_ids: array) -> None:
+        """Write rows [start, end): the buffered values, absent everywhere else."""
+        if self._group is None:
+            self._create_group()
+        rows = np.asarray(self._pending_rows, dtype=np.int64)
+        present = np.zeros(end - start, dtype=np.uint8)
+        present[rows - start] = 1
+        timestamps = np.zeros(end - start, dtype=np.int64)
+        timestamps[rows - start] = self._pending_timestamps
+
+        pulse_id = self._row_datasets["pulse_id"]
+        first_missing = pulse_id.shape[0]  # 0 for a new channel: back-fill earlier rows
+        for dataset in self._row_datasets.values():
+            dataset.resize((end,))
+        pulse_id[first_missing:end] = np.frombuffer(pulse_ids[first_missing:end], dtype=np.int64)
+        self._row_datasets["is_data_present"][start:end] = present
+        self._row_datasets["timestamp"][start:end] = timestamps
+
+        if self.definition is not None:
+            self._write_data(end)
+        self._pending_rows.clear()
+        self._pending_values.clear()
+        self._pending_timestamps.clear()
+
+    def finish(self, rows: int) -> None:
+        """Give a channel that never had a value its all-zero placeholder data."""
+        if self.definition is None:
+            self.definition = PLACEHOLDER
+            self._write_data(rows)
+
+    def _create_group(self) -> None:
+        # '/' would nest groups; SwissFEL names use ':' only, so escaping is rare.
+        self._group = self._data_group.create_group(self.name.replace("/", "%2F"))
+        self._group.attrs["name"] = self.name
+        for key, dtype in (("pulse_id", np.int64), ("is_data_present", np.uint8),
+                           ("timestamp", np.int64)):
+            self._row_datasets[key] = self._group.create_dataset(
+                key, shape=(0,), maxshape=(None,), dtype=dtype,
+                chunks=(_chunk_rows(np.dtype(dtype).itemsize),))
+
+    def _write_data(self, end: int) -> None:
+        """Extend ``data`` to ``end`` rows; write the span of the buffered values only,
+        so that absent rows outside it (e.g. missing images) allocate no chunks."""
+        definition = self.definition
+        assert definition is not None and self._group is not None
+        if self._data is None:
+            self._data = self._create_data(definition)
+        self._data.resize((end,) + definition.row_shape)
+        if self._pending_rows:
+            first, last = self._pending_rows[0], self._pending_rows[-1]
+            self._data[first:last + 1] = self._block(definition, first, last + 1)
+
+    def _create_data(self, definition: _Definition) -> h5py.Dataset:
+        assert self._group is not None
+        data = self._group.create_dataset(
+            "data", shape=(0,) + definition.row_shape, dtype=definition.dtype,
+            **definition.layout())
+        data.attrs["bsread_type"] = definition.bsread_type
+        data.attrs["shape"] = np.array(definition.shape, dtype=np.int64)
+        data.attrs["first_row"] = self._definition_first_row
+        return data
+
+    def _block(self, definition: _Definition, first: int, end: int) -> np.ndarray:
+        """Rows [first, end) as one array, the buffered values at their rows."""
+        dtype = object if definition.bsread_type == "string" else definition.dtype
+        values = np.asarray(self._pending_values, dtype=dtype).reshape(
+            (len(self._pending_values),) + definition.row_shape)
+        if len(values) == end - first:  # every row present: the usual case
+            return values
+        block = np.full((end - first,) + definition.row_shape, definition.fill, dtype=dtype)
+        block[np.asarray(self._pending_rows) - first] = values
+        return block
+
+
+class FileWriter:
+    """Writes one HDF5 file, one row per appended message.
+
+    ``append`` buffers; rows reach the file every ``batch_rows`` messages and on
+    ``flush`` (call it at least once a second: a file last flushed is readable even if
+    the process dies). Values are kept by reference until written: do not mutate them.
+    HDF5 and OS failures raise ``OSError``; after one, only ``abandon`` is allowed.
+    """
+
+    def __init__(self, target: Path, general: Mapping[str, str], *,
+                 created: str | None = None, batch_rows: int = 256) -> None:
+        if batch_rows < 1:
+            raise ValueError(f"batch_rows must be positive, not {batch_rows}")
+        self.target = Path(target)
+        self.partial = self.target.with_name(self.target.name + ".partial")
+        for path in (self.target, self.partial):
+            if os.path.lexists(path):
+                raise FileExistsError(errno.EEXIST, "refusing to overwrite", str(path))
+        self._batch_rows = batch_rows
+        self._rows = 0
+        self._batch_start = 0
+        self._buffered_bytes = 0
+        self._pulse_ids = array("q")
+        self._channels: dict[str, _Channel] = {}
+        self._failed = False
+        self._path = self.partial
+        self._h5: h5py.File | None = h5py.File(self.partial, "x")
+        self._fd = self._h5.id.get_vfd_handle()
+        self._file_id = _file_identity(os.fstat(self._fd))
+        try:
+            with self._hdf5_errors("creation"):
+                _write_general(self._h5, general, created or _now())
+                self._data_group = self._h5.create_group("data")
+        except Exception:
+            self._close_h5()
+            self.partial.unlink(missing_ok=True)
+            raise
+        log.debug("writing %s", self.partial)
+
+    @property
+    def rows(self) -> int:
+        """Messages appended so far."""
+        return self._rows
+
+    @property
+    def file_bytes(self) -> int:
+        """Current size of the file on disk (the .partial one until published)."""
+        return os.stat(self._path).st_size
+
+    def append(self, pulse_id: int, values: Sequence[ChannelValue]) -> None:
+        """Add one message as one row of every channel known so far.
+
+        A channel listed more than once in a message counts with its last entry."""
+        self._require_usable()
+        latest = {value.spec.name: value for value in values}
+        present = [(value, _Definition.of(value))
+                   for value in latest.values() if value.value is not None]
+        self._pulse_ids.append(pulse_id)  # OverflowError beyond int64, before any change
+        row = self._rows
+        with self._hdf5_errors("write"):
+            for name in latest:
+                self._channel(name)
+            for value, definition in present:
+                channel = self._channels[value.spec.name]
+                if channel.definition is None:
+                    channel.definition = definition
+                elif channel.definition != definition:
+                    self._write_batch()  # the rows before belong to the old definition
+                    channel.redefine(definition, row)
+                channel.buffer(row, value.value, value.timestamp_ns)
+                self._buffered_bytes += _value_bytes(value.value)
+            self._rows += 1
+            if (self._rows - self._batch_start >= self._batch_rows
+                    or self._buffered_bytes >= BATCH_BYTES_LIMIT):
+                self._write_batch()
+
+    def flush(self) -> None:
+        """Write the buffered rows and flush the file, so that it is readable as is."""
+        self._require_usable()
+        assert self._h5 is not None
+        with self._hdf5_errors("flush"):
+            self._write_batch()
+            self._h5.flush()
+
+    def close(self) -> Path:
+        """Complete the file and publish it under ``target``; never overwrites.
+
+        If ``target`` appeared meanwhile, raises ``FileExistsError`` and the
+        ``.partial`` file stays (``abandon`` returns it)."""
+        self._require_usable()
+        assert self._h5 is not None
+        with self._hdf5_errors("close"):
+            self._complete()
+            # Never closed twice: a second close after a failed one crashes HDF5.
+            h5, self._h5 = self._h5, None
+            h5.close()
+        _fsync_path(self.partial)
+        os.link(self.partial, self.target)  # unlike rename, fails if target exists
+        self._path = self.target
+        self.partial.unlink()
+        _fsync_path(self.target.parent)
+        log.info("wrote %d rows to %s", self._rows, self.target)
+        return self.target
+
+    def abandon(self) -> Path:
+        """Close as well as possible after an error, without publishing; never raises.
+
+        Returns the ``.partial`` path."""
+        if self._h5 is not None:
+            if not self._failed:
+                try:
+                    self._complete()
+                except Exception:
+                    log.exception("cannot write the last rows of %s", self.partial)
+                    self._failed = True
+            self._close_h5()
+            log.warning("abandoned %s after %d rows", self.partial, self._rows)
+        return self.partial
+
+    def _complete(self) -> None:
+        """Write everything; closing the file then has nothing left to write, which
+        matters because a close that fails to write crashes HDF5 later (h5py#914)."""
+        assert self._h5 is not None
+        self._write_batch()
+        for channel in self._channels.values():
+            channel.finish(self._rows)
+        self._h5.flush()
+
+    def _channel(self, name: str) -> _Channel:
+        channel = self._channels.get(name)
+        if channel is None:
+            # Known from this row on; earlier rows are back-filled as absent.
+            channel = self._channels[name] = _Channel(name, self._data_group)
+        return channel
+
+    def _write_batch(self) -> None:
+        start, end = self._batch_start, self._rows
+        if end == start:
+            return
+        for channel in self._channels.values():
+            channel.write(start, end, self._pulse_ids)
+        self._batch_start = end
+        self._buffered_bytes = 0
+
+    def _close_h5(self) -> None:
+        """Close the HDF5 file without raising; after a failure, discard what HDF5
+        still wants to write: a close that fails to write leaves HDF5 in a state
+        that crashes the process later (h5py#914)."""
+        assert self._h5 is not None
+        if self._failed:
+            self._redirect_writes_to_memory()
+        try:
+            self._h5.close()
+        except Exception:
+            log.exception("cannot close %s", self.partial)
+        self._h5 = None
+
+    def _redirect_writes_to_memory(self) -> None:
+        """Point HDF5's file descriptor at an anonymous in-memory file (Linux)."""
+        try:
+            if _file_identity(os.fstat(self._fd)) != self._file_id:
+                return  # not HDF5's descriptor of our file any more
+            scratch = os.memfd_create("sfbw-discard")
+            try:
+                os.dup2(scratch, self._fd)
+            finally:
+                os.close(scratch)
+        except Exception:  # abandon() must not raise
+            log.exception("cannot redirect the pending writes of %s", self.partial)
+
+    def _require_usable(self) -> None:
+        if self._h5 is None:
+            raise ValueError(f"{self.partial} is closed")
+        if self._failed:
+            raise OSError(errno.EIO, "an earlier write failed; only abandon() is allowed",
+                          str(self.partial))
+
+    @contextmanager
+    def _hdf5_errors(self, action: str) -> Iterator[None]:
+        """Mark the writer failed on any error; report h5py's RuntimeErrors (e.g. a
+        failed flush) as OSError, with the errno from HDF5's message when it has one."""
+        try:
+            yield
+        except Exception as exc:
+            self._failed = True
+            if isinstance(exc, RuntimeError):
+                raise _os_error(f"HDF5 {action} failed: {exc}", self.partial) from exc
+            raise
+
+
+def _write_general(h5: h5py.File, general: Mapping[str, str], created: str) -> None:
+    group = h5.create_group("general")
+    group.create_dataset("created", data=created, dtype=_STRING_DTYPE)
+    for key in GENERAL_KEYS:
+        group.create_dataset(key, data=general.get(key) or NOT_GIVEN, dtype=_STRING_DTYPE)
+
+
+def _now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _os_error(message: str, path: Path) -> OSError:
+    match = _ERRNO_IN_MESSAGE.search(message)
+    if match is None:
+        return OSError(errno.EIO, message, str(path))
+    return OSError(int(match.group(1)), message, str(path))
+
+
+def _file_identity(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_dev, stat.st_ino
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
