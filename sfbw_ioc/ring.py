@@ -8,9 +8,10 @@ before it read them.
 from __future__ import annotations
 
 import threading
-from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
+
+import numpy as np
 
 from .protocol import DataHeader
 
@@ -41,6 +42,16 @@ class ReadResult:
     messages: list[RawMessage]
     first_seq: int  # seq of messages[0] (or where reading resumes when empty)
     lost: int  # messages between the requested seq and first_seq that the ring dropped
+
+
+def typical_step(pulse_ids: np.ndarray) -> int | None:
+    """The most common positive step between consecutive pulse ids; None if none."""
+    steps = np.diff(pulse_ids)
+    steps = steps[steps > 0]
+    if not len(steps):
+        return None
+    values, counts = np.unique(steps, return_counts=True)
+    return int(values[np.argmax(counts)])
 
 
 class RingBuffer:
@@ -138,8 +149,7 @@ class RingBuffer:
         with self._cond:
             first = max(self._oldest_seq, self._next_seq - window)
             pulse_ids = [self._slot(seq).pulse_id for seq in range(first, self._next_seq)]
-        steps = Counter(b - a for a, b in zip(pulse_ids, pulse_ids[1:]) if b > a)
-        return steps.most_common(1)[0][0] if steps else 1
+        return typical_step(np.array(pulse_ids, dtype=np.int64)) or 1
 
     def _count(self) -> int:
         return self._next_seq - self._oldest_seq

@@ -180,6 +180,34 @@ class _Channel:
         self._pending_values.clear()
         self._pending_timestamps.clear()
 
+    def truncate(self, rows: int) -> None:
+        """Drop rows from ``rows`` on (everything is written); definitions that began
+        in the dropped rows are undone, bringing back the moved-aside dataset."""
+        assert not self._pending_rows
+        if self._group is None:
+            return
+        while self._data is not None and self._definition_first_row >= rows:
+            del self._group["data"]
+            self._data = None
+            self._restore_retired()
+        for dataset in [*self._row_datasets.values(), self._data]:
+            if dataset is not None and dataset.shape[0] > rows:
+                dataset.resize((rows,) + dataset.shape[1:])
+
+    def _restore_retired(self) -> None:
+        if not self._retired:
+            self.definition = None
+            self._definition_first_row = 0
+            return
+        assert self._group is not None
+        self._group.move(f"data({self._retired})", "data")
+        self._retired -= 1
+        self._data = self._group["data"]
+        del self._data.attrs["last_row"]
+        self._definition_first_row = int(self._data.attrs["first_row"])
+        self.definition = _Definition(str(self._data.attrs["bsread_type"]),
+                                      tuple(int(n) for n in self._data.attrs["shape"]))
+
     def finish(self, rows: int) -> None:
         """Give a channel that never had a value its all-zero placeholder data."""
         if self.definition is None:
@@ -292,19 +320,42 @@ class FileWriter:
         with self._hdf5_errors("write"):
             for name in latest:
                 self._channel(name)
+            changed = [(self._channels[value.spec.name], definition)
+                       for value, definition in present
+                       if self._channels[value.spec.name].definition not in (None, definition)]
+            if changed:
+                self._write_batch()  # the rows before belong to the old definitions
+            for channel, definition in changed:
+                channel.redefine(definition, row)
             for value, definition in present:
                 channel = self._channels[value.spec.name]
                 if channel.definition is None:
                     channel.definition = definition
-                elif channel.definition != definition:
-                    self._write_batch()  # the rows before belong to the old definition
-                    channel.redefine(definition, row)
                 channel.buffer(row, value.value, value.timestamp_ns)
                 self._buffered_bytes += _value_bytes(value.value)
             self._rows += 1
             if (self._rows - self._batch_start >= self._batch_rows
                     or self._buffered_bytes >= BATCH_BYTES_LIMIT):
                 self._write_batch()
+
+    @property
+    def pulse_ids(self) -> np.ndarray:
+        """The pulse id of every row so far (a copy)."""
+        return np.array(self._pulse_ids, dtype=np.int64)
+
+    def truncate(self, rows: int) -> None:
+        """Drop every row from ``rows`` on, as if they had never been appended.
+
+        A stop can arrive after the messages that follow it were written."""
+        self._require_usable()
+        if rows >= self._rows:
+            return
+        with self._hdf5_errors("truncate"):
+            self._write_batch()
+            for channel in self._channels.values():
+                channel.truncate(rows)
+        del self._pulse_ids[rows:]
+        self._rows = self._batch_start = rows
 
     def flush(self) -> None:
         """Write the buffered rows and flush the file, so that it is readable as is."""

@@ -4,7 +4,6 @@ libca (pyepics) reads EPICS_CA_ADDR_LIST once, at its first call, so the whole p
 put into the environment before any test runs; each IOC then takes one port of it.
 """
 import os
-import uuid
 
 import pytest
 
@@ -23,8 +22,3 @@ def ca_ports():
     """Hands out the pool's ports, one per IOC."""
     ports = iter(list(_pool))
     return lambda: next(ports)
-
-
-@pytest.fixture
-def unique_prefix():
-    return f"T{uuid.uuid4().hex[:8]}:"

@@ -1,0 +1,444 @@
+"""Acquisitions: the pulse range from the ring buffer into one HDF5 file.
+
+``AcquisitionController`` is the whole interface the IOC sees: ``start``, ``stop``,
+``abort``, ``status`` and an ``on_change`` callback. Its own thread (the writer thread)
+follows the ring with a cursor, decodes the messages of the range and appends them to a
+``FileWriter``. Commands only set fields under a lock and wake the thread; everything
+that touches the disk runs in the writer thread, except opening the file in ``start``,
+which the IOC calls from an executor so that a bad path fails the put itself.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+from .protocol import decode_values
+from .receiver import MalformedCounter
+from .ring import RawMessage, RingBuffer, typical_step
+from .writer import FileWriter
+
+log = logging.getLogger(__name__)
+
+_BATCH = 256  # messages taken from the ring per writer step
+_FLUSH_INTERVAL_S = 1.0  # a killed process loses at most this much written data
+_WAIT_S = 0.1  # writer thread's longest sleep: bounds the reaction to a silent stream
+STOP_GRACE_S = 2.0  # a silent stream's expected pulse must pass the stop by this much
+
+
+class State(enum.IntEnum):
+    IDLE = 0
+    WAITING = 1
+    WRITING = 2
+    CLOSING = 3
+    ERROR = 4
+
+
+class AcquisitionError(Exception):
+    """A command that was refused; the text is meant for the operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    state: State = State.IDLE
+    message: str = ""
+    file: str = ""  # target of the running (or last) acquisition
+    last_file: str = ""  # last completed file
+    start_pulse_id: int | None = None
+    stop_pulse_id: int | None = None
+    written: int = 0
+    missing: int = 0
+    lost: int = 0  # messages the ring dropped before the writer took them
+    file_bytes: int = 0
+    version: int = 0  # grows with every change: lets a consumer drop stale statuses
+
+
+@dataclass(eq=False)
+class _Acquisition:
+    writer: FileWriter
+    cursor: int  # next ring seq to look at
+    start_pulse_id: int | None  # None: START_NOW, everything from ``cursor`` on
+    stop_pulse_id: int | None = None
+    stop_seq: int | None = None  # STOP_NOW: last ring seq to write
+    aborted: bool = False
+    stop_futures: list[Future] = field(default_factory=list)
+    first_pulse_id: int | None = None
+    last_pulse_id: int | None = None
+    pulse_step: int = 1
+    # The message clock for a stream that falls silent: last pulse seen and when.
+    clock_pulse_id: int | None = None
+    clock_time: float = 0.0
+    last_flush: float = 0.0
+    file_bytes: int = 0  # as of the last flush: status() must not stat the disk
+
+
+class AcquisitionController:
+    """Owns the writer thread and at most one running acquisition."""
+
+    def __init__(self, ring: RingBuffer, malformed: MalformedCounter, output_root: Path,
+                 pulse_rate: float = 100.0) -> None:
+        self._ring = ring
+        self._malformed = malformed
+        self.output_root = Path(output_root).resolve()
+        self._pulse_rate = pulse_rate
+        self._on_change: Callable[[Status], None] | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._shutdown = threading.Event()
+        self._active: _Acquisition | None = None
+        self._pending_stop: int | None = None
+        self._status = Status()
+        self._thread = threading.Thread(target=self._run, name="hdf5-writer", daemon=True)
+
+    # ---- commands (any thread) -------------------------------------------------------
+
+    def start_thread(self) -> None:
+        self._thread.start()
+
+    def set_on_change(self, callback: Callable[[Status], None]) -> None:
+        """Call ``callback(status)`` on every change of state, message or last file.
+
+        It runs in the caller's or the writer thread with a lock held: it must only
+        hand the status over (e.g. to a thread-safe queue), never block.
+        """
+        with self._lock:
+            self._on_change = callback
+
+    def start(self, start_pulse_id: int | None, output_file: str,
+              general: Mapping[str, str]) -> Path:
+        """Begin an acquisition at ``start_pulse_id`` (None: with the next message).
+
+        Opens the file; raises ``AcquisitionError`` with the reason when refused.
+        """
+        with self._lock:
+            if self._active is not None:
+                raise AcquisitionError(
+                    f"an acquisition is running ({self._status.state.name}, "
+                    f"{self._status.file}): STOP or ABORT it first")
+            stop = self._pending_stop
+            if start_pulse_id is not None and stop is not None and stop < start_pulse_id:
+                raise AcquisitionError(
+                    f"start {start_pulse_id} is after the stop already set ({stop})")
+            target = self.resolve_output(output_file)
+            writer = _open_writer(target, general)
+            acquisition = self._new_acquisition(writer, start_pulse_id, stop)
+            self._pending_stop = None
+            self._active = acquisition
+            message = self._start_message(acquisition, target)
+            self._set_status(Status(State.WAITING, message, str(target),
+                                    self._status.last_file, start_pulse_id, stop,
+                                    version=self._status.version))
+        log.info("%s", message)
+        self._wake.set()
+        self._ring.wake_readers()
+        return target
+
+    def stop(self, stop_pulse_id: int | None) -> Future:
+        """Set the last pulse id to write (None: the last message received so far).
+
+        The future resolves with the file's path once it is closed; when idle, a pulse
+        id is kept for the next START and the future is already done.
+        """
+        future: Future = Future()
+        with self._lock:
+            acquisition = self._active
+            if acquisition is None:
+                if stop_pulse_id is None:
+                    raise AcquisitionError("no acquisition is running: nothing to stop")
+                self._pending_stop = stop_pulse_id
+                self._set_status(replace(self._status, stop_pulse_id=stop_pulse_id,
+                                         message=f"stop {stop_pulse_id} set for the next start"))
+                future.set_result(None)
+                return future
+            if stop_pulse_id is None:
+                acquisition.stop_seq = self._ring.next_seq - 1
+                stop_text = "now"
+            else:
+                self._check_stop(acquisition, stop_pulse_id)
+                acquisition.stop_pulse_id = stop_pulse_id
+                stop_text = str(stop_pulse_id)
+            acquisition.stop_futures.append(future)
+            self._set_status(replace(self._status, stop_pulse_id=stop_pulse_id,
+                                     message=f"stopping at {stop_text}"))
+        self._ring.wake_readers()
+        return future
+
+    def abort(self) -> Future:
+        """Stop at once and close the file with what was written."""
+        future: Future = Future()
+        with self._lock:
+            acquisition = self._active
+            if acquisition is None:
+                future.set_result(None)
+                return future
+            acquisition.aborted = True
+            acquisition.stop_futures.append(future)
+        self._ring.wake_readers()
+        return future
+
+    def status(self) -> Status:
+        """The current status, with the live figures of a running acquisition."""
+        with self._lock:
+            status, acquisition = self._status, self._active
+        if acquisition is None:
+            return status
+        return replace(status, written=acquisition.writer.rows,
+                       file_bytes=acquisition.file_bytes)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Complete a running acquisition with what has arrived, then end the thread."""
+        with self._lock:
+            if self._active is not None:
+                self._active.stop_seq = self._ring.next_seq - 1
+        self._shutdown.set()
+        self._ring.wake_readers()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def resolve_output(self, output_file: str) -> Path:
+        """The absolute target for OUTPUT_FILE, refused when outside the root or taken."""
+        if not output_file.strip():
+            raise AcquisitionError("OUTPUT_FILE is empty")
+        if "\0" in output_file:
+            raise AcquisitionError("OUTPUT_FILE contains a NUL character")
+        path = Path(output_file)
+        target = (path if path.is_absolute() else self.output_root / path).resolve()
+        if not target.is_relative_to(self.output_root) or target == self.output_root:
+            raise AcquisitionError(f"{output_file!r} is outside the output root "
+                                   f"{self.output_root}")
+        if target.exists():
+            raise AcquisitionError(f"{target} exists already; files are never overwritten")
+        return target
+
+    # ---- helpers of the commands (lock held) -----------------------------------------
+
+    def _new_acquisition(self, writer: FileWriter, start_pulse_id: int | None,
+                         stop_pulse_id: int | None) -> _Acquisition:
+        if start_pulse_id is None:
+            cursor = self._ring.next_seq
+        else:
+            cursor = self._ring.find_start(start_pulse_id)
+        stats = self._ring.stats()
+        return _Acquisition(writer, cursor, start_pulse_id, stop_pulse_id,
+                            pulse_step=self._ring.typical_pulse_step(),
+                            clock_pulse_id=stats.newest_pulse_id, clock_time=time.monotonic(),
+                            last_flush=time.monotonic())
+
+    def _start_message(self, acquisition: _Acquisition, target: Path) -> str:
+        start = acquisition.start_pulse_id
+        if start is None:
+            return f"writing {target} from the next message"
+        oldest = self._ring.stats().oldest_pulse_id
+        if oldest is not None and oldest - start >= acquisition.pulse_step:
+            return (f"start {start} is older than the buffer: pulses {start}..{oldest - 1} "
+                    f"are gone, writing {target} from {oldest}")
+        return f"writing {target} from pulse {start}"
+
+    @staticmethod
+    def _check_stop(acquisition: _Acquisition, stop_pulse_id: int) -> None:
+        first = acquisition.start_pulse_id
+        if first is None:
+            first = acquisition.first_pulse_id
+        if first is not None and stop_pulse_id < first:
+            raise AcquisitionError(f"stop {stop_pulse_id} is before the start {first}")
+
+    def _set_status(self, status: Status) -> None:
+        changed = (status.state, status.message, status.last_file) != (
+            self._status.state, self._status.message, self._status.last_file)
+        self._status = status = replace(status, version=self._status.version + 1)
+        if changed and self._on_change is not None:
+            self._on_change(status)
+
+    # ---- the writer thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                acquisition = self._active
+            if acquisition is None:
+                if self._shutdown.is_set():
+                    return
+                self._wake.wait(_WAIT_S)
+                self._wake.clear()
+                continue
+            try:
+                self._step(acquisition)
+            except Exception as error:  # the writer thread must outlive any one file
+                self._fail(acquisition, error)
+
+    def _step(self, acquisition: _Acquisition) -> None:
+        """Write what the ring has for the acquisition, or wait a little for more."""
+        with self._lock:
+            aborted = acquisition.aborted
+        if aborted:
+            self._finish(acquisition, "aborted")
+            return
+        result = self._ring.read(acquisition.cursor, _BATCH)
+        if result.lost:
+            self._note_lost(acquisition, result.lost)
+        acquisition.cursor = result.first_seq
+        done = self._write_batch(acquisition, result.messages)
+        if done is not None:
+            self._finish(acquisition, done)
+            return
+        if not result.messages:
+            if self._stream_passed_stop_silently(acquisition):
+                self._finish(acquisition, "the stream is silent past the stop")
+                return
+            self._ring.wait_for(acquisition.cursor, _WAIT_S)
+        self._flush_if_due(acquisition)
+
+    def _write_batch(self, acquisition: _Acquisition, messages: list[RawMessage]) -> str | None:
+        """Append the batch's messages of the range; say why when the range is complete."""
+        with self._lock:
+            stop_pulse_id, stop_seq = acquisition.stop_pulse_id, acquisition.stop_seq
+        if stop_pulse_id is not None and self._cut_after(acquisition, stop_pulse_id):
+            return f"the stream had passed the stop pulse {stop_pulse_id}"
+        for message in messages:
+            if stop_seq is not None and acquisition.cursor > stop_seq:
+                return "stopped"
+            if stop_pulse_id is not None and message.pulse_id > stop_pulse_id:
+                return f"the stream passed the stop pulse {stop_pulse_id}"
+            acquisition.cursor += 1
+            acquisition.clock_pulse_id = message.pulse_id
+            acquisition.clock_time = time.monotonic()
+            if acquisition.start_pulse_id is None or message.pulse_id >= acquisition.start_pulse_id:
+                self._append(acquisition, message)
+        if stop_seq is not None and acquisition.cursor > stop_seq:
+            return "stopped"
+        return None
+
+    def _append(self, acquisition: _Acquisition, message: RawMessage) -> None:
+        values, errors = decode_values(message.header, message.frames)
+        for error in errors:
+            self._malformed.report(error, message.pulse_id)
+        acquisition.writer.append(message.pulse_id, values)
+        if acquisition.first_pulse_id is None:
+            acquisition.first_pulse_id = message.pulse_id
+            with self._lock:
+                self._set_status(replace(self._status, state=State.WRITING))
+        acquisition.last_pulse_id = message.pulse_id
+
+    @staticmethod
+    def _cut_after(acquisition: _Acquisition, stop_pulse_id: int) -> bool:
+        """Drop rows past a stop that arrived after them; True when there were any."""
+        if acquisition.last_pulse_id is None or acquisition.last_pulse_id <= stop_pulse_id:
+            return False
+        pulse_ids = acquisition.writer.pulse_ids
+        rows = int(np.argmax(pulse_ids > stop_pulse_id))
+        acquisition.writer.truncate(rows)
+        acquisition.last_pulse_id = int(pulse_ids[rows - 1]) if rows else None
+        if not rows:
+            acquisition.first_pulse_id = None
+        return True
+
+    def _update_missing(self, acquisition: _Acquisition, final: bool = False) -> None:
+        # An abort or STOP_NOW ends the range early on purpose: nothing is missing there.
+        stopped_early = acquisition.aborted or acquisition.stop_seq is not None
+        stop = acquisition.stop_pulse_id if final and not stopped_early else None
+        missing = count_missing(acquisition.writer.pulse_ids, acquisition.start_pulse_id,
+                                stop, acquisition.pulse_step)
+        with self._lock:
+            self._status = replace(self._status, missing=missing)
+
+    def _stream_passed_stop_silently(self, acquisition: _Acquisition) -> bool:
+        with self._lock:
+            stop = acquisition.stop_pulse_id
+        if stop is None or acquisition.clock_pulse_id is None:
+            return False
+        elapsed = time.monotonic() - acquisition.clock_time
+        expected = acquisition.clock_pulse_id + elapsed * self._pulse_rate
+        return expected > stop + STOP_GRACE_S * self._pulse_rate
+
+    def _note_lost(self, acquisition: _Acquisition, lost: int) -> None:
+        with self._lock:
+            total = self._status.lost + lost
+            self._set_status(replace(self._status, lost=total, message=(
+                f"the writer fell behind: {total} messages left the buffer before they "
+                f"were written")))
+        log.error("writer fell behind: %d messages lost from the ring", lost)
+
+    def _flush_if_due(self, acquisition: _Acquisition) -> None:
+        now = time.monotonic()
+        if now - acquisition.last_flush >= _FLUSH_INTERVAL_S:
+            acquisition.writer.flush()
+            acquisition.last_flush = now
+            acquisition.file_bytes = acquisition.writer.file_bytes
+            self._update_missing(acquisition)
+
+    def _finish(self, acquisition: _Acquisition, reason: str) -> None:
+        with self._lock:
+            self._set_status(replace(self._status, state=State.CLOSING))
+            futures = list(acquisition.stop_futures)
+        self._update_missing(acquisition, final=True)
+        path = acquisition.writer.close()
+        rows = acquisition.writer.rows
+        message = (f"{reason}: wrote {rows} messages"
+                   f"{_pulse_range(acquisition)} to {path}")
+        with self._lock:
+            self._active = None
+            self._set_status(replace(self._status, state=State.IDLE, message=message,
+                                     last_file=str(path), written=rows,
+                                     file_bytes=_size(path)))
+        log.info("%s", message)
+        for future in futures:
+            future.set_result(path)
+
+    def _fail(self, acquisition: _Acquisition, error: Exception) -> None:
+        log.error("acquisition failed: %s", error, exc_info=not isinstance(error, OSError))
+        partial = acquisition.writer.abandon()
+        message = f"writing failed: {error}; partial file left as {partial}"
+        with self._lock:
+            self._active = None
+            futures = list(acquisition.stop_futures)
+            self._set_status(replace(self._status, state=State.ERROR, message=message,
+                                     written=acquisition.writer.rows))
+        for future in futures:
+            future.set_exception(AcquisitionError(message))
+
+
+def count_missing(pulse_ids: np.ndarray, start: int | None, stop: int | None,
+                  fallback_step: int) -> int:
+    """Pulses of the range [start, stop] that the stream's usual step says should have
+    come but are not among ``pulse_ids`` (rows in arrival order). The step is the one
+    the rows show, or ``fallback_step`` (the buffer's) when they show none."""
+    if not len(pulse_ids):
+        return 0
+    step = typical_step(pulse_ids) or fallback_step
+    gaps = np.diff(pulse_ids) // step - 1
+    missing = int(gaps[gaps > 0].sum())
+    if start is not None:
+        missing += max(0, int(pulse_ids[0] - start) // step)
+    if stop is not None:
+        missing += max(0, int(stop - pulse_ids[-1]) // step)
+    return missing
+
+
+def _open_writer(target: Path, general: Mapping[str, str]) -> FileWriter:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return FileWriter(target, general)
+    except OSError as error:
+        raise AcquisitionError(f"cannot create {target}: {error.strerror or error}") from error
+
+
+def _pulse_range(acquisition: _Acquisition) -> str:
+    if acquisition.first_pulse_id is None:
+        return ""
+    return f" (pulses {acquisition.first_pulse_id}..{acquisition.last_pulse_id})"
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0

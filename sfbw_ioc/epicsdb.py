@@ -1,0 +1,46 @@
+"""The IOC's PVs as an EPICS database file (db/sfbw.db), generated from the PVGroup.
+
+Archiver and alarm-handler configurations are written against record names and
+fields; generating the file from the PV definitions keeps it from drifting.
+"""
+from __future__ import annotations
+
+from caproto.server import PVGroup
+
+# mbbi state-string fields, in EPICS order.
+_MBB_FIELDS = ("ZRST", "ONST", "TWST", "THST", "FRST", "FVST", "SXST", "SVST",
+               "EIST", "NIST", "TEST", "ELST", "TVST", "TTST", "FTST", "FFST")
+DESC_LENGTH = 40  # DESC is a 41-byte string field in EPICS base
+
+
+def record_fields(pv) -> dict[str, str]:
+    """The EPICS fields of one pvproperty (a class attribute of a PVGroup)."""
+    spec = pv.pvspec
+    options = spec.cls_kwargs
+    fields = {"DESC": spec.doc or ""}
+    if spec.record in ("ai", "ao"):
+        fields["PREC"] = str(options.get("precision", 0))
+        if options.get("units"):
+            fields["EGU"] = options["units"]
+    elif spec.record == "bo":
+        fields["ZNAM"], fields["ONAM"] = options["enum_strings"]
+    elif spec.record == "mbbi":
+        fields.update(zip(_MBB_FIELDS, options["enum_strings"]))
+    elif spec.record == "waveform":
+        fields["FTVL"] = "CHAR"
+        fields["NELM"] = str(spec.max_length)
+    return fields
+
+
+def render(group: type[PVGroup], prefix_macro: str = "$(P)") -> str:
+    """The database text for every PV of ``group``, in definition order."""
+    lines = [f"# Generated from {group.__module__}.{group.__qualname__}: "
+             "python -m sfbw_ioc.cli --write-db db/sfbw.db", ""]
+    for attr, pv in group._pvs_.items():
+        name = pv.pvspec.name or attr
+        lines.append(f'record({pv.pvspec.record}, "{prefix_macro}{name}") {{')
+        for field, value in record_fields(pv).items():
+            escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+            lines.append(f'    field({field}, "{escaped}")')
+        lines.append("}")
+    return "\n".join(lines) + "\n"

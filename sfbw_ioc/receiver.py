@@ -1,0 +1,164 @@
+"""The receiver thread: a bsread ZeroMQ stream into the ring buffer, forever.
+
+Per message it parses only the main header (pulse id, data-header hash) and checks the
+message's structure against the cached data header; values stay raw for the writer.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from .protocol import HeaderCache, MalformedMessage, check_structure, parse_main_header
+from .ring import RawMessage, RingBuffer
+
+log = logging.getLogger(__name__)
+
+MODES = {"pull": zmq.PULL, "sub": zmq.SUB}
+_POLL_MS = 100
+_DRAIN_BATCH = 1000  # messages taken per wake-up before looking at the stop flag again
+
+
+class MalformedCounter:
+    """Counts rejected messages and logs the first of each kind (the rest only count).
+
+    Shared by the receiver (structure) and the acquisition (values), so MALFORMED tells
+    the operator about both.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_kind: dict[str, int] = {}
+
+    def report(self, error: MalformedMessage, pulse_id: int | None = None) -> None:
+        with self._lock:
+            first = error.kind not in self._by_kind
+            self._by_kind[error.kind] = self._by_kind.get(error.kind, 0) + 1
+        if first:
+            log.warning("malformed bsread message (pulse id %s): %s; further ones of kind "
+                        "%r are only counted", pulse_id, error, error.kind)
+
+    @property
+    def total(self) -> int:
+        with self._lock:
+            return sum(self._by_kind.values())
+
+    def by_kind(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._by_kind)
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverStats:
+    received: int  # good messages put into the ring
+    last_pulse_id: int | None
+    pulse_id_anomalies: int  # pulse id repeated or went back (source restart)
+
+
+class Receiver(threading.Thread):
+    """Connects to ``address`` (PULL or SUB) and appends every good message to ``ring``."""
+
+    def __init__(self, address: str, ring: RingBuffer, malformed: MalformedCounter,
+                 mode: str = "pull", context: zmq.Context | None = None) -> None:
+        super().__init__(name="bsread-receiver", daemon=True)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {sorted(MODES)}, not {mode!r}")
+        self.address = address
+        self.mode = mode
+        self._ring = ring
+        self._malformed = malformed
+        self._context = context or zmq.Context.instance()
+        self._headers = HeaderCache()
+        self._stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self._received = 0
+        self._last_pulse_id: int | None = None
+        self._anomalies = 0
+        self._last_anomaly_log = float("-inf")
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop_event.set()
+        if self.is_alive():
+            self.join(timeout)
+
+    def stats(self) -> ReceiverStats:
+        with self._lock:
+            return ReceiverStats(self._received, self._last_pulse_id, self._anomalies)
+
+    def run(self) -> None:
+        # A socket error other than the stop must never end buffering: wait, reconnect.
+        while not self._stop_event.is_set():
+            try:
+                self._receive_until_stopped()
+            except zmq.ZMQError:
+                log.exception("receiver socket failed; reconnecting to %s in 1 s", self.address)
+                self._stop_event.wait(1.0)
+
+    def _receive_until_stopped(self) -> None:
+        socket = self._open_socket()
+        try:
+            poller = zmq.Poller()
+            poller.register(socket, zmq.POLLIN)
+            while not self._stop_event.is_set():
+                if poller.poll(_POLL_MS):
+                    self._drain(socket)
+        finally:
+            socket.close(linger=0)
+
+    def _open_socket(self) -> zmq.Socket:
+        socket = self._context.socket(MODES[self.mode])
+        socket.setsockopt(zmq.RCVHWM, 10_000)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.RECONNECT_IVL, 100)
+        socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        # Heartbeats notice a source that vanished without closing its TCP connection.
+        socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        if self.mode == "sub":
+            socket.setsockopt(zmq.SUBSCRIBE, b"")
+        socket.connect(self.address)
+        log.info("receiving bsread from %s (%s)", self.address, self.mode)
+        return socket
+
+    def _drain(self, socket: zmq.Socket) -> None:
+        for _ in range(_DRAIN_BATCH):
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._accept(frames)
+
+    def _accept(self, frames: list[bytes]) -> None:
+        try:
+            message = self._parse(frames)
+        except MalformedMessage as error:
+            self._malformed.report(error)
+            return
+        self._ring.append(message)
+        with self._lock:
+            if self._last_pulse_id is not None and message.pulse_id <= self._last_pulse_id:
+                self._note_anomaly(self._last_pulse_id, message.pulse_id)
+            self._received += 1
+            self._last_pulse_id = message.pulse_id
+
+    def _note_anomaly(self, previous: int, current: int) -> None:
+        self._anomalies += 1
+        # A source repeating pulse ids would log at 100 Hz: at most one line per 10 s.
+        now = time.monotonic()
+        if now - self._last_anomaly_log >= 10.0:
+            self._last_anomaly_log = now
+            log.warning("pulse id went from %d to %d (source restart?); %d such so far",
+                        previous, current, self._anomalies)
+
+    def _parse(self, frames: list[bytes]) -> RawMessage:
+        if len(frames) < 2:
+            raise MalformedMessage("part_count", f"{len(frames)} parts, need at least 2")
+        main = parse_main_header(frames[0])
+        header = self._headers.get(main, frames[1])
+        check_structure(header, frames)
+        return RawMessage(main.pulse_id, main.global_timestamp_ns, header, frames,
+                          sum(len(frame) for frame in frames))
+

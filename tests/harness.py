@@ -1,0 +1,218 @@
+"""Real parts for end-to-end tests: the IOC as a subprocess, a bsread source on a real
+ZeroMQ socket, free ports, Channel Access clients and a poll with a deadline."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterable
+
+import h5py
+import hdf5plugin  # noqa: F401  (registers the bitshuffle filter for reading images)
+import numpy as np
+import zmq
+
+from sfbw_ioc.protocol import ChannelSpec, encode_message
+
+REPO = Path(__file__).resolve().parent.parent
+CA_PORT_POOL_SIZE = 16
+
+
+def free_port(udp_too: bool = False) -> int:
+    """A port free on 127.0.0.1 right now (for TCP, and for UDP when asked)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+            if not udp_too:
+                return port
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+
+
+def unique_prefix(tag: str) -> str:
+    """A PV prefix no other IOC of any parallel test run uses."""
+    return f"{tag}{uuid.uuid4().hex[:8]}:"
+
+
+def ca_client_environment(ports: Iterable[int]) -> dict[str, str]:
+    """Loopback-only Channel Access for clients, searching every port of the pool."""
+    return {
+        "EPICS_CA_ADDR_LIST": " ".join(f"127.0.0.1:{port}" for port in ports),
+        "EPICS_CA_AUTO_ADDR_LIST": "NO",
+        "EPICS_CA_MAX_ARRAY_BYTES": "10000000",
+    }
+
+
+def ioc_environment(port: int) -> dict[str, str]:
+    return {
+        "EPICS_CA_SERVER_PORT": str(port),
+        "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
+        "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
+        "EPICS_CAS_BEACON_ADDR_LIST": "127.255.255.255",
+        "CAPROTO_SERVER_HIGH_LOAD_TIMEOUT_SEC": "0.001",
+    }
+
+
+def poll(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,
+         what: str = "condition") -> object:
+    """Call ``predicate`` until it returns something true; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what} "
+                                 f"(last: {result!r})")
+        time.sleep(interval)
+
+
+class IocProcess:
+    """``python -m sfbw_ioc.cli`` in a subprocess on its own CA port and prefix."""
+
+    def __init__(self, port: int, prefix: str, args: list[str], log_path: Path) -> None:
+        self.port = port
+        self.prefix = prefix
+        self.log_path = log_path
+        env = {**os.environ, **ioc_environment(port)}
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "sfbw_ioc.cli", "--prefix", prefix, *args],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            poll(self._listening, timeout=30, what=f"IOC {prefix} on port {port}")
+        except AssertionError:
+            self.stop()
+            raise AssertionError(f"IOC did not start:\n{self.log()}") from None
+
+    def _listening(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"IOC exited with {self.process.returncode}:\n{self.log()}")
+        with socket.socket() as probe:
+            probe.settimeout(0.2)
+            return probe.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def pv(self, name: str) -> str:
+        return self.prefix + name
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+# ---- a bsread source whose every value the test knows -----------------------------
+
+CHANNELS = (
+    ChannelSpec("T:F64", "float64", ()),
+    ChannelSpec("T:I32", "int32", ()),
+    ChannelSpec("T:U64", "uint64", ()),
+    ChannelSpec("T:BOOL", "bool", ()),
+    ChannelSpec("T:STR", "string", ()),
+    ChannelSpec("T:WF", "float32", (16,), compression="lz4"),
+    ChannelSpec("T:IMG", "uint16", (8, 12), compression="bitshuffle_lz4"),
+)
+
+
+def value_for(spec: ChannelSpec, pulse_id: int):
+    """A deterministic value of ``spec`` for ``pulse_id`` (what the source sends)."""
+    if spec.type == "string":
+        return f"pulse {pulse_id} ✓"
+    if spec.type == "bool":
+        return np.array(pulse_id % 2 == 0)
+    dtype = np.dtype(spec.type)
+    size = int(np.prod(spec.shape, dtype=np.int64))
+    base = np.arange(size, dtype=np.float64) + pulse_id % 100_000
+    if dtype.kind == "f":
+        base = base / 7.0
+    return base.astype(dtype).reshape(spec.shape)
+
+
+def timestamp_for(pulse_id: int) -> int:
+    return 1_700_000_000_000_000_000 + pulse_id * 10_000_000
+
+
+class BsreadSource:
+    """A PUSH socket bound on a free port, sending messages the test composes."""
+
+    def __init__(self, mode: str = "push") -> None:
+        self.port = free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self._socket = zmq.Context.instance().socket(zmq.PUSH if mode == "push" else zmq.PUB)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SNDTIMEO, 10_000)
+        self._socket.bind(self.address)
+
+    def send(self, pulse_id: int, channels: Iterable[ChannelSpec] = CHANNELS,
+             absent: Iterable[str] = (), dh_compression: str = "none") -> None:
+        absent = set(absent)
+        parts = [(spec, None if spec.name in absent else value_for(spec, pulse_id),
+                  timestamp_for(pulse_id)) for spec in channels]
+        self.send_frames(encode_message(pulse_id, timestamp_for(pulse_id), parts,
+                                        dh_compression))
+
+    def send_range(self, first: int, last: int, **kwargs) -> None:
+        for pulse_id in range(first, last + 1):
+            self.send(pulse_id, **kwargs)
+
+    def send_frames(self, frames: list[bytes]) -> None:
+        self._socket.send_multipart(frames)
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+
+def read_file(path: Path) -> h5py.File:
+    return h5py.File(path, "r")
+
+
+def assert_rows(path: Path, pulse_ids: list[int], channels=CHANNELS,
+                absent: Callable[[str, int], bool] = lambda name, pulse_id: False) -> None:
+    """The file holds exactly ``pulse_ids``, in order, with every value bit-exact."""
+    with read_file(path) as f:
+        for spec in channels:
+            group = f["data"][spec.name]
+            assert group["pulse_id"][:].tolist() == pulse_ids, spec.name
+            present = group["is_data_present"][:]
+            data = group["data"]
+            data = data.asstr()[:] if spec.type == "string" else data[:]
+            for row, pulse_id in enumerate(pulse_ids):
+                if absent(spec.name, pulse_id):
+                    assert present[row] == 0, (spec.name, pulse_id)
+                    assert group["timestamp"][row] == 0
+                    continue
+                assert present[row] == 1, (spec.name, pulse_id)
+                assert group["timestamp"][row] == timestamp_for(pulse_id)
+                assert_value(spec, data[row], value_for(spec, pulse_id))
+
+
+def assert_value(spec: ChannelSpec, stored, sent) -> None:
+    if spec.type == "string":
+        assert stored.reshape(-1)[0] == sent
+        return
+    stored = np.asarray(stored).reshape(np.shape(sent))
+    if spec.type == "bool":
+        assert bool(stored) == bool(sent)
+        return
+    assert stored.dtype == np.dtype(spec.type).newbyteorder("=")
+    assert np.array_equal(stored, sent), (spec.name, stored, sent)

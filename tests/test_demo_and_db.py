@@ -1,0 +1,100 @@
+"""The README's demo (--simulate) gives a real file; db/sfbw.db matches the running IOC."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import epics
+import h5py
+import pytest
+
+from harness import REPO, IocProcess, poll, unique_prefix
+from sfbw_ioc import epicsdb
+from sfbw_ioc.ioc import SfbwIOC
+
+DB_FILE = REPO / "db" / "sfbw.db"
+RECORD = re.compile(r'^record\((\w+), "\$\(P\)([^"]+)"\)', re.M)
+FIELD = re.compile(r'field\((\w+), "([^"]*)"\)')
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, ca_ports):
+    root = tmp_path_factory.mktemp("demo")
+    ioc = IocProcess(ca_ports(), unique_prefix("DEMO"),
+                     ["--simulate", "--output-root", str(root), "--list-pvs"],
+                     tmp_path_factory.mktemp("log") / "demo.log")
+    yield ioc, root
+    assert ioc.stop() == 0, ioc.log()
+
+
+def test_the_db_file_is_generated_from_the_pv_definitions(tmp_path):
+    generated = tmp_path / "sfbw.db"
+    subprocess.run([sys.executable, "-m", "sfbw_ioc.cli", "--write-db", str(generated)],
+                   check=True, cwd=REPO, timeout=60)
+    assert generated.read_text() == DB_FILE.read_text(), \
+        "db/sfbw.db is stale: python -m sfbw_ioc.cli --write-db db/sfbw.db"
+
+
+def test_every_desc_fits_the_epics_field():
+    for name, fields in _records(epicsdb.render(SfbwIOC)).items():
+        assert 0 < len(fields["DESC"]) <= epicsdb.DESC_LENGTH, name
+
+
+def test_the_db_file_lists_exactly_the_pvs_of_the_running_ioc(demo):
+    ioc, _ = demo
+    served = poll(lambda: _logged_pv_names(ioc.log()), what="--list-pvs output")
+    records = _records(DB_FILE.read_text())
+    assert {ioc.pv(name) for name in records} == served
+    for name, fields in records.items():
+        for field, value in fields.items():
+            if field in ("DESC", "EGU", "PREC"):
+                got = epics.caget(f"{ioc.pv(name)}.{field}", as_string=True, timeout=5)
+                assert str(got) == value, (name, field, got)
+        if "ZRST" in fields or "ZNAM" in fields:
+            pv = epics.PV(ioc.pv(name))
+            pv.wait_for_connection(5)
+            info = pv.get_ctrlvars(timeout=5)
+            expected = [v for k, v in fields.items() if k.endswith(("ST", "NAM"))]
+            assert list(info["enum_strs"]) == expected, name
+
+
+def test_the_simulated_stream_fills_pvs_and_a_real_file(demo):
+    ioc, root = demo
+    poll(lambda: (epics.caget(ioc.pv("RECEIVED"), timeout=5) or 0) > 50, 15, what="messages")
+    assert epics.caget(ioc.pv("LAST_PULSE_ID"), timeout=5) > 1e10
+    assert 50 < epics.caget(ioc.pv("RECEIVE_RATE"), timeout=5) < 150
+    assert epics.caget(ioc.pv("BUFFER_COUNT"), timeout=5) > 0
+    assert epics.caput(ioc.pv("OUTPUT_FILE"), "demo/run1.h5", wait=True) == 1
+    assert epics.caput(ioc.pv("START_NOW"), 1, wait=True) == 1
+    poll(lambda: epics.caget(ioc.pv("WRITTEN"), timeout=5) >= 30, 15, what="30 rows")
+    assert epics.caput(ioc.pv("STOP_NOW"), 1, wait=True, timeout=30) == 1
+    target = root / "demo" / "run1.h5"
+    assert epics.caget(ioc.pv("LAST_FILE"), as_string=True) == str(target)
+    with h5py.File(target) as f:
+        pulse_ids = f["data/SIM:FLOAT64-1/pulse_id"][:]
+        assert len(pulse_ids) >= 30 and (pulse_ids[1:] - pulse_ids[:-1] == 1).all()
+        camera = f["data/SIM:CAMERA"]
+        present = camera["is_data_present"][:].astype(bool)
+        assert present.tolist() == (camera["pulse_id"][:] % 10 == 0).tolist()
+        assert camera["data"].ndim == 3 and camera["data"][present][0].any()
+
+
+def _records(db_text: str) -> dict[str, dict[str, str]]:
+    records = {}
+    for block in db_text.split("record(")[1:]:
+        match = RECORD.match("record(" + block)
+        records[match.group(2)] = dict(FIELD.findall(block))
+    return records
+
+
+def _logged_pv_names(log_text: str) -> set[str]:
+    if "PVs available:" not in log_text:
+        return set()
+    listing = log_text.split("PVs available:", 1)[1].splitlines()[1:]
+    names = set()
+    for line in listing:
+        if not line.strip() or " " in line.strip():
+            break
+        names.add(line.strip())
+    return names

