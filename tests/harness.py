@@ -158,10 +158,29 @@ class BsreadSource:
     def __init__(self, mode: str = "push") -> None:
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
-        self._socket = zmq.Context.instance().socket(zmq.PUSH if mode == "push" else zmq.PUB)
+        self._type = zmq.PUSH if mode == "push" else zmq.PUB
+        self._bind()
+
+    def _bind(self) -> None:
+        self._socket = zmq.Context.instance().socket(self._type)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SNDTIMEO, 10_000)
-        self._socket.bind(self.address)
+        # ZeroMQ releases a closed socket's port in its I/O thread, a moment later.
+        poll(lambda: self._try_bind(), timeout=10, what=f"binding {self.address}")
+
+    def _try_bind(self) -> bool:
+        try:
+            self._socket.bind(self.address)
+        except zmq.ZMQError as error:
+            if error.errno != zmq.EADDRINUSE:
+                raise
+            return False
+        return True
+
+    def restart(self) -> None:
+        """Like a source process that dies and comes back on the same port."""
+        self._socket.close(linger=0)
+        self._bind()
 
     def send(self, pulse_id: int, channels: Iterable[ChannelSpec] = CHANNELS,
              absent: Iterable[str] = (), dh_compression: str = "none") -> None:

@@ -203,6 +203,19 @@ def test_a_silent_stream_closes_by_the_message_clock(ioc, source, root):
     assert get(ioc, "MISSING") == 6
 
 
+def test_the_receiver_reconnects_when_the_source_restarts(ioc, source, root):
+    base = next(_bases)
+    put(ioc, "OUTPUT_FILE", "restart.h5")
+    put(ioc, "START_PULSE_ID", base)
+    source.send_range(base, base + 4)
+    wait_for(ioc, "WRITTEN", 5)
+    source.restart()
+    source.send_range(base + 5, base + 9)
+    source.send(base + 20)
+    put(ioc, "STOP_PULSE_ID", base + 9)
+    assert_rows(root / "restart.h5", list(range(base, base + 10)))
+
+
 # ---- content ---------------------------------------------------------------------------
 
 def test_header_changes_and_absent_values_mid_acquisition(ioc, source, root):

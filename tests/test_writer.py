@@ -216,6 +216,60 @@ def test_type_and_shape_changes_move_old_data_aside(tmp_path, batch_rows):
         assert group["pulse_id"].shape == (6,)
 
 
+@pytest.mark.parametrize("batch_rows", [1, 256])
+def test_two_channels_change_definition_in_the_same_message(tmp_path, batch_rows):
+    write(tmp_path / "f.h5", [
+        [present("A", np.int16(1)), present("B", np.float32(1))],
+        [present("A", np.int16(2)), present("B", np.float32(2))],
+        [present("A", np.int32(3)), present("B", np.array([3.0, 4.0]))],
+    ], batch_rows=batch_rows)
+    with h5py.File(tmp_path / "f.h5") as f:
+        for name, current in (("A", [[0], [0], [3]]), ("B", [[0, 0], [0, 0], [3, 4]])):
+            group = f["data"][name]
+            assert group["data(1)"][:, 0].tolist() == [1, 2], name
+            assert group["data"][:].tolist() == current, name
+            assert group["is_data_present"][:].tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("batch_rows", [2, 256])
+def test_truncate_drops_rows_as_if_never_appended(tmp_path, batch_rows):
+    writer = FileWriter(tmp_path / "f.h5", GENERAL, batch_rows=batch_rows)
+    messages = [
+        [present("A", np.int16(0)), present("S", "zero")],
+        [present("A", np.int16(1)), present("S", "one")],
+        [present("A", np.int16(2)), present("S", "two")],
+        [present("A", np.float64(3.5)), present("NEW", np.uint8(3))],  # dropped below
+        [present("A", np.array([4.0, 4.0])), present("S", "four")],
+    ]
+    for row, values in enumerate(messages):
+        writer.append(PULSE0 + row, values)
+    writer.truncate(3)
+    assert writer.rows == 3 and writer.pulse_ids.tolist() == [PULSE0, PULSE0 + 1, PULSE0 + 2]
+    writer.append(PULSE0 + 5, [present("A", np.int16(5)), present("S", "five")])
+    writer.close()
+    with h5py.File(tmp_path / "f.h5") as f:
+        a = f["data/A"]
+        assert sorted(a) == ["data", "is_data_present", "pulse_id", "timestamp"]
+        assert a["data"][:, 0].tolist() == [0, 1, 2, 5] and a["data"].dtype == np.int16
+        assert "last_row" not in a["data"].attrs
+        assert a["pulse_id"][:].tolist() == [PULSE0, PULSE0 + 1, PULSE0 + 2, PULSE0 + 5]
+        assert f["data/S/data"].asstr()[:, 0].tolist() == ["zero", "one", "two", "five"]
+        assert f["data/NEW/is_data_present"][:].tolist() == [0, 0, 0, 0]
+
+
+def test_truncate_to_nothing_and_beyond_the_end(tmp_path):
+    writer = FileWriter(tmp_path / "f.h5", GENERAL, batch_rows=1)
+    writer.append(PULSE0, [present("A", np.int16(1))])
+    writer.truncate(5)
+    assert writer.rows == 1
+    writer.truncate(0)
+    writer.append(PULSE0 + 1, [present("A", np.float32(2))])
+    writer.close()
+    with h5py.File(tmp_path / "f.h5") as f:
+        assert sorted(f["data/A"]) == ["data", "is_data_present", "pulse_id", "timestamp"]
+        assert f["data/A/data"].dtype == np.float32 and f["data/A/data"][:, 0].tolist() == [2]
+
+
 def test_channel_never_present_gets_zero_float64_data(tmp_path):
     write(tmp_path / "f.h5", [[absent("N"), present("A", np.int8(1))]] * 3)
     with h5py.File(tmp_path / "f.h5") as f:
