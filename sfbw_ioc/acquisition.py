@@ -21,7 +21,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from .protocol import decode_values
+from .protocol import decode_columns
 from .receiver import MalformedCounter
 from .ring import RawMessage, RingBuffer, typical_step
 from .writer import FileWriter
@@ -303,30 +303,38 @@ class AcquisitionController:
             stop_pulse_id, stop_seq = acquisition.stop_pulse_id, acquisition.stop_seq
         if stop_pulse_id is not None and self._cut_after(acquisition, stop_pulse_id):
             return f"the stream had passed the stop pulse {stop_pulse_id}"
+        selected: list[RawMessage] = []
+        done = None
         for message in messages:
             if stop_seq is not None and acquisition.cursor > stop_seq:
-                return "stopped"
+                done = "stopped"
+                break
             if stop_pulse_id is not None and message.pulse_id > stop_pulse_id:
-                return f"the stream passed the stop pulse {stop_pulse_id}"
+                done = f"the stream passed the stop pulse {stop_pulse_id}"
+                break
             acquisition.cursor += 1
             acquisition.clock_pulse_id = message.pulse_id
             acquisition.clock_time = time.monotonic()
             if acquisition.start_pulse_id is None or message.pulse_id >= acquisition.start_pulse_id:
-                self._append(acquisition, message)
-        if stop_seq is not None and acquisition.cursor > stop_seq:
-            return "stopped"
-        return None
+                selected.append(message)
+        for run in _runs_of_one_header(selected):
+            self._append(acquisition, run)
+        if done is None and stop_seq is not None and acquisition.cursor > stop_seq:
+            done = "stopped"
+        return done
 
-    def _append(self, acquisition: _Acquisition, message: RawMessage) -> None:
-        values, errors = decode_values(message.header, message.frames)
-        for error in errors:
-            self._malformed.report(error, message.pulse_id)
-        acquisition.writer.append(message.pulse_id, values)
+    def _append(self, acquisition: _Acquisition, run: list[RawMessage]) -> None:
+        """Decode messages that share a data header channel by channel, and append them."""
+        pulse_ids = [message.pulse_id for message in run]
+        columns, errors = decode_columns(run[0].header, [message.frames for message in run])
+        for row, error in errors:
+            self._malformed.report(error, pulse_ids[row])
+        acquisition.writer.append_columns(pulse_ids, columns)
         if acquisition.first_pulse_id is None:
-            acquisition.first_pulse_id = message.pulse_id
+            acquisition.first_pulse_id = pulse_ids[0]
             with self._lock:
                 self._set_status(replace(self._status, state=State.WRITING))
-        acquisition.last_pulse_id = message.pulse_id
+        acquisition.last_pulse_id = pulse_ids[-1]
 
     @staticmethod
     def _cut_after(acquisition: _Acquisition, stop_pulse_id: int) -> bool:
@@ -404,6 +412,17 @@ class AcquisitionController:
                                      written=acquisition.writer.rows))
         for future in futures:
             future.set_exception(AcquisitionError(message))
+
+
+def _runs_of_one_header(messages: list[RawMessage]) -> list[list[RawMessage]]:
+    """Consecutive messages grouped by data header (the receiver shares the object)."""
+    runs: list[list[RawMessage]] = []
+    for message in messages:
+        if runs and runs[-1][0].header is message.header:
+            runs[-1].append(message)
+        else:
+            runs.append([message])
+    return runs
 
 
 def count_missing(pulse_ids: np.ndarray, start: int | None, stop: int | None,

@@ -33,7 +33,7 @@ import h5py
 import hdf5plugin  # registers the bitshuffle filter with HDF5
 import numpy as np
 
-from sfbw_ioc.protocol import BSREAD_TYPES, ChannelValue
+from sfbw_ioc.protocol import BSREAD_TYPES, ChannelSpec, ChannelValue, Column
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,13 @@ class _Definition:
 
     bsread_type: str
     shape: tuple[int, ...]
+
+    @classmethod
+    def of_spec(cls, spec: ChannelSpec) -> _Definition:
+        """The definition of a channel's present values, as its data header declares."""
+        if spec.type not in BSREAD_TYPES:
+            raise ValueError(f"channel {spec.name!r} has unknown bsread type {spec.type!r}")
+        return cls(spec.type, () if spec.type == "string" else spec.shape)
 
     @classmethod
     def of(cls, value: ChannelValue) -> _Definition:
@@ -116,12 +123,47 @@ class _Definition:
 PLACEHOLDER = _Definition("float64", ())  # the data of a channel never present in a file
 
 
+def _row_dataset(group: h5py.Group, name: str | None, dtype: type) -> h5py.Dataset:
+    return group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
+                                chunks=(_chunk_rows(np.dtype(dtype).itemsize),))
+
+
+# h5py's high-level resize and slice assignment cost ~100 µs each in Python; a wide
+# stream (1000 channels) makes thousands per flush, so rows go in at the low level.
+def _extend(dataset: h5py.Dataset, rows: int) -> None:
+    """Resize ``dataset`` to ``rows`` rows."""
+    dataset.id.set_extent((rows,) + dataset.id.shape[1:])
+
+
+def _write_rows(dataset: h5py.Dataset, first: int, rows: np.ndarray) -> None:
+    """Write numeric ``rows`` from row ``first`` on, extending the dataset as needed."""
+    rows = np.ascontiguousarray(rows)
+    if dataset.id.shape[0] < first + len(rows):
+        _extend(dataset, first + len(rows))
+    file_space = dataset.id.get_space()
+    file_space.select_hyperslab((first,) + (0,) * (rows.ndim - 1), rows.shape)
+    dataset.id.write(h5py.h5s.create_simple(rows.shape), file_space, rows)
+
+
 def _chunk_rows(row_bytes: int) -> int:
     return max(1, min(MAX_CHUNK_ROWS, CHUNK_TARGET_BYTES // max(1, row_bytes)))
 
 
-def _value_bytes(value: np.ndarray | str) -> int:
-    return len(value) if isinstance(value, str) else value.nbytes
+def _column_bytes(column: Column) -> int:
+    if isinstance(column.values, np.ndarray):
+        return column.values.nbytes
+    return sum(len(value) for value in column.values if value is not None)
+
+
+def _one_row(value: ChannelValue) -> Column:
+    """A single message's value as a one-row column."""
+    present = value.value is not None
+    if value.spec.type == "string":
+        values: np.ndarray | list = [value.value or ""]
+    else:
+        values = np.asarray(value.value if present else 0)[np.newaxis]
+    return Column(value.spec, np.array([present]),
+                  np.array([value.timestamp_ns if present else 0], dtype=np.int64), values)
 
 
 class _Channel:
@@ -136,14 +178,12 @@ class _Channel:
         self._data: h5py.Dataset | None = None
         self._definition_first_row = 0
         self._retired = 0
-        # Present values buffered since the last write; absent rows are not stored.
-        self._pending_rows: list[int] = []
-        self._pending_values: list[np.ndarray | str] = []
-        self._pending_timestamps: list[int] = []
+        # Columns buffered since the last write, with the row each begins at.
+        self._pending: list[tuple[int, Column]] = []
 
     def redefine(self, definition: _Definition, row: int) -> None:
         """Start a new ``data`` at ``row``; the old one (fully written) moves aside."""
-        assert self._data is not None and self._group is not None and not self._pending_rows
+        assert self._data is not None and self._group is not None and not self._pending
         self._retired += 1
         self._data.attrs["last_row"] = row - 1
         self._group.move("data", f"data({self._retired})")
@@ -151,39 +191,35 @@ class _Channel:
         self.definition = definition
         self._definition_first_row = row
 
-    def buffer(self, row: int, value: np.ndarray | str, timestamp_ns: int) -> None:
-        self._pending_rows.append(row)
-        self._pending_values.append(value)
-        self._pending_timestamps.append(timestamp_ns)
+    def buffer(self, row: int, column: Column) -> None:
+        if column.present.any():
+            self._pending.append((row, column))
 
-    def write(self, start: int, end: int, pulse_ids: array) -> None:
+    def write(self, start: int, end: int, pulse_id: h5py.Dataset) -> None:
         """Write rows [start, end): the buffered values, absent everywhere else."""
         if self._group is None:
-            self._create_group()
-        rows = np.asarray(self._pending_rows, dtype=np.int64)
+            self._create_group(pulse_id)
         present = np.zeros(end - start, dtype=np.uint8)
-        present[rows - start] = 1
         timestamps = np.zeros(end - start, dtype=np.int64)
-        timestamps[rows - start] = self._pending_timestamps
+        for row, column in self._pending:
+            rows = slice(row - start, row - start + len(column.present))
+            present[rows] = column.present
+            timestamps[rows] = column.timestamps
 
-        pulse_id = self._row_datasets["pulse_id"]
-        first_missing = pulse_id.shape[0]  # 0 for a new channel: back-fill earlier rows
-        for dataset in self._row_datasets.values():
-            dataset.resize((end,))
-        pulse_id[first_missing:end] = np.frombuffer(pulse_ids[first_missing:end], dtype=np.int64)
-        self._row_datasets["is_data_present"][start:end] = present
-        self._row_datasets["timestamp"][start:end] = timestamps
+        for key, rows in (("is_data_present", present), ("timestamp", timestamps)):
+            dataset = self._row_datasets[key]
+            if dataset.id.shape[0] < start:  # a new channel: earlier rows are absent
+                _extend(dataset, start)
+            _write_rows(dataset, start, rows)
 
         if self.definition is not None:
             self._write_data(end)
-        self._pending_rows.clear()
-        self._pending_values.clear()
-        self._pending_timestamps.clear()
+        self._pending.clear()
 
     def truncate(self, rows: int) -> None:
         """Drop rows from ``rows`` on (everything is written); definitions that began
         in the dropped rows are undone, bringing back the moved-aside dataset."""
-        assert not self._pending_rows
+        assert not self._pending
         if self._group is None:
             return
         while self._data is not None and self._definition_first_row >= rows:
@@ -191,8 +227,8 @@ class _Channel:
             self._data = None
             self._restore_retired()
         for dataset in [*self._row_datasets.values(), self._data]:
-            if dataset is not None and dataset.shape[0] > rows:
-                dataset.resize((rows,) + dataset.shape[1:])
+            if dataset is not None and dataset.id.shape[0] > rows:
+                _extend(dataset, rows)
 
     def _restore_retired(self) -> None:
         if not self._retired:
@@ -214,15 +250,15 @@ class _Channel:
             self.definition = PLACEHOLDER
             self._write_data(rows)
 
-    def _create_group(self) -> None:
+    def _create_group(self, pulse_id: h5py.Dataset) -> None:
         # '/' would nest groups; SwissFEL names use ':' only, so escaping is rare.
         self._group = self._data_group.create_group(self.name.replace("/", "%2F"))
         self._group.attrs["name"] = self.name
-        for key, dtype in (("pulse_id", np.int64), ("is_data_present", np.uint8),
-                           ("timestamp", np.int64)):
-            self._row_datasets[key] = self._group.create_dataset(
-                key, shape=(0,), maxshape=(None,), dtype=dtype,
-                chunks=(_chunk_rows(np.dtype(dtype).itemsize),))
+        # Rows are aligned, so every channel's pulse_id is the same: one dataset, hard
+        # linked into each group, written once per batch instead of once per channel.
+        self._group["pulse_id"] = pulse_id
+        for key, dtype in (("is_data_present", np.uint8), ("timestamp", np.int64)):
+            self._row_datasets[key] = _row_dataset(self._group, key, dtype)
 
     def _write_data(self, end: int) -> None:
         """Extend ``data`` to ``end`` rows; write the span of the buffered values only,
@@ -231,10 +267,25 @@ class _Channel:
         assert definition is not None and self._group is not None
         if self._data is None:
             self._data = self._create_data(definition)
-        self._data.resize((end,) + definition.row_shape)
-        if self._pending_rows:
-            first, last = self._pending_rows[0], self._pending_rows[-1]
-            self._data[first:last + 1] = self._block(definition, first, last + 1)
+        _extend(self._data, end)
+        plain = [(row, column) for row, column in self._pending if not column.chunked]
+        if plain:
+            first, _, block = self._block(definition, plain)
+            if definition.bsread_type == "string":
+                self._data[first:first + len(block)] = block
+            else:
+                _write_rows(self._data, first, block)
+        for row, column in self._pending:
+            if column.chunked:
+                self._write_chunks(row, column)
+
+    def _write_chunks(self, first_row: int, column: Column) -> None:
+        """The wire's bitshuffle_lz4 images, stored as they came: no decompression."""
+        assert self._data is not None
+        origin = (0,) * len(self.definition.row_shape)
+        for index in np.flatnonzero(column.present):
+            self._data.id.write_direct_chunk((first_row + int(index),) + origin,
+                                             column.values[index])
 
     def _create_data(self, definition: _Definition) -> h5py.Dataset:
         assert self._group is not None
@@ -246,16 +297,31 @@ class _Channel:
         data.attrs["first_row"] = self._definition_first_row
         return data
 
-    def _block(self, definition: _Definition, first: int, end: int) -> np.ndarray:
-        """Rows [first, end) as one array, the buffered values at their rows."""
+    @staticmethod
+    def _block(definition: _Definition,
+               pending: list[tuple[int, Column]]) -> tuple[int, int, np.ndarray]:
+        """(first row, end row, values) spanning the buffered present values only, so
+        that absent rows outside the span (e.g. missing images) allocate no chunks."""
+        spans = [(row + int(np.argmax(c.present)),
+                  row + len(c.present) - int(np.argmax(c.present[::-1])), row, c)
+                 for row, c in pending]
+        first, end = min(s[0] for s in spans), max(s[1] for s in spans)
+        if len(spans) == 1 and spans[0][2] == first and spans[0][3].present.all():
+            return first, end, _as_rows(definition, spans[0][3].values)  # the usual case
         dtype = object if definition.bsread_type == "string" else definition.dtype
-        values = np.asarray(self._pending_values, dtype=dtype).reshape(
-            (len(self._pending_values),) + definition.row_shape)
-        if len(values) == end - first:  # every row present: the usual case
-            return values
         block = np.full((end - first,) + definition.row_shape, definition.fill, dtype=dtype)
-        block[np.asarray(self._pending_rows) - first] = values
-        return block
+        for _, _, row, column in spans:
+            rows = np.flatnonzero(column.present)
+            block[rows + row - first] = _as_rows(definition, column.values)[rows]
+        return first, end, block
+
+
+def _as_rows(definition: _Definition, values: np.ndarray | list) -> np.ndarray:
+    """A column's values shaped as dataset rows (scalars as (n, 1))."""
+    if definition.bsread_type == "string":
+        return np.asarray(values, dtype=object).reshape(-1, 1)
+    return np.asarray(values).astype(definition.dtype, copy=False).reshape(
+        (-1,) + definition.row_shape)
 
 
 class FileWriter:
@@ -291,6 +357,8 @@ class FileWriter:
             with self._hdf5_errors("creation"):
                 _write_general(self._h5, general, created or _now())
                 self._data_group = self._h5.create_group("data")
+                # Anonymous until the first channel's group links it as its pulse_id.
+                self._pulse_id = _row_dataset(self._h5, None, np.int64)
         except Exception:
             self._close_h5()
             self.partial.unlink(missing_ok=True)
@@ -313,27 +381,41 @@ class FileWriter:
         A channel listed more than once in a message counts with its last entry."""
         self._require_usable()
         latest = {value.spec.name: value for value in values}
-        present = [(value, _Definition.of(value))
-                   for value in latest.values() if value.value is not None]
-        self._pulse_ids.append(pulse_id)  # OverflowError beyond int64, before any change
+        for value in latest.values():
+            if value.value is not None:
+                _Definition.of(value)  # a wrong value fails here, before any change
+        self.append_columns([pulse_id], [_one_row(value) for value in latest.values()])
+
+    def append_columns(self, pulse_ids: Sequence[int], columns: Sequence[Column]) -> None:
+        """Add ``len(pulse_ids)`` messages at once, given channel by channel.
+
+        Every column has one entry per message; a column's spec is trusted for the
+        rows where it is present (all share one data header)."""
+        self._require_usable()
+        n = len(pulse_ids)
+        if any(len(column.present) != n for column in columns):
+            raise ValueError(f"every column needs {n} rows")
+        self._pulse_ids.extend(pulse_ids)  # OverflowError beyond int64, before any change
         row = self._rows
         with self._hdf5_errors("write"):
-            for name in latest:
-                self._channel(name)
-            changed = [(self._channels[value.spec.name], definition)
-                       for value, definition in present
-                       if self._channels[value.spec.name].definition not in (None, definition)]
+            present = [(column, _Definition.of_spec(column.spec))
+                       for column in columns if column.present.any()]
+            for column in columns:
+                self._channel(column.spec.name)
+            changed = [(self._channels[column.spec.name], definition)
+                       for column, definition in present
+                       if self._channels[column.spec.name].definition not in (None, definition)]
             if changed:
                 self._write_batch()  # the rows before belong to the old definitions
             for channel, definition in changed:
                 channel.redefine(definition, row)
-            for value, definition in present:
-                channel = self._channels[value.spec.name]
+            for column, definition in present:
+                channel = self._channels[column.spec.name]
                 if channel.definition is None:
                     channel.definition = definition
-                channel.buffer(row, value.value, value.timestamp_ns)
-                self._buffered_bytes += _value_bytes(value.value)
-            self._rows += 1
+                channel.buffer(row, column)
+                self._buffered_bytes += _column_bytes(column)
+            self._rows += n
             if (self._rows - self._batch_start >= self._batch_rows
                     or self._buffered_bytes >= BATCH_BYTES_LIMIT):
                 self._write_batch()
@@ -354,6 +436,7 @@ class FileWriter:
             self._write_batch()
             for channel in self._channels.values():
                 channel.truncate(rows)
+            _extend(self._pulse_id, rows)
         del self._pulse_ids[rows:]
         self._rows = self._batch_start = rows
 
@@ -420,8 +503,9 @@ class FileWriter:
         start, end = self._batch_start, self._rows
         if end == start:
             return
+        _write_rows(self._pulse_id, start, np.array(self._pulse_ids[start:end], dtype=np.int64))
         for channel in self._channels.values():
-            channel.write(start, end, self._pulse_ids)
+            channel.write(start, end, self._pulse_id)
         self._batch_start = end
         self._buffered_bytes = 0
 
