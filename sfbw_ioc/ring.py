@@ -72,22 +72,25 @@ class RingBuffer:
         self._dropped = 0
         self._cond = threading.Condition()
 
-    def append(self, message: RawMessage) -> int:
-        """Store a message (evicting the oldest as needed) and return its seq."""
+    def append(self, message: RawMessage) -> None:
+        """Store a message, evicting the oldest as needed."""
+        self.extend([message])
+
+    def extend(self, messages: Sequence[RawMessage]) -> None:
+        """Store messages in order, evicting the oldest as needed; wakes readers once."""
         with self._cond:
-            # A single message larger than the whole byte budget is still kept, alone:
-            # dropping it would lose data the operator may be acquiring right now.
-            while self._count() and (
-                self._count() >= self.max_messages
-                or self._nbytes + message.nbytes > self.max_bytes
-            ):
-                self._evict_oldest()
-            seq = self._next_seq
-            self._slots[seq % self.max_messages] = message
-            self._next_seq += 1
-            self._nbytes += message.nbytes
+            for message in messages:
+                # A single message larger than the whole byte budget is still kept,
+                # alone: dropping it would lose data an acquisition may need.
+                while self._count() and (
+                    self._count() >= self.max_messages
+                    or self._nbytes + message.nbytes > self.max_bytes
+                ):
+                    self._evict_oldest()
+                self._slots[self._next_seq % self.max_messages] = message
+                self._next_seq += 1
+                self._nbytes += message.nbytes
             self._cond.notify_all()
-            return seq
 
     def read(self, from_seq: int, max_count: int) -> ReadResult:
         """Up to ``max_count`` messages starting at ``from_seq`` (or the oldest still held)."""
