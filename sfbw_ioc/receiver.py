@@ -163,6 +163,5 @@ class Receiver(threading.Thread):
         main = parse_main_header(frames[0])
         header = self._headers.get(main, frames[1])
         check_structure(header, frames)
-        return RawMessage(main.pulse_id, main.global_timestamp_ns, header, frames,
-                          sum(len(frame) for frame in frames))
+        return RawMessage.pack(main.pulse_id, main.global_timestamp_ns, header, frames)
 

@@ -8,6 +8,8 @@ before it read them.
 from __future__ import annotations
 
 import threading
+from array import array
+from itertools import accumulate
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -18,13 +20,36 @@ from .protocol import DataHeader
 
 @dataclass(frozen=True, slots=True)
 class RawMessage:
-    """One message as it came off the socket, plus what the receiver already parsed."""
+    """One message as it came off the socket, plus what the receiver already parsed.
+
+    The parts are kept back to back in one bytes object: a small message in 42 separate
+    bytes objects would cost the ring twice its size. The data-header part is not kept:
+    every message with that hash shares ``header``, the parsed one.
+    """
 
     pulse_id: int
     global_timestamp_ns: int
-    header: DataHeader  # shared between all messages with the same data-header hash
-    frames: Sequence[bytes | memoryview]
-    nbytes: int
+    header: DataHeader
+    payload: bytes  # the main header, then every value and timestamp part
+    ends: array  # where each of those parts ends in ``payload``
+
+    @classmethod
+    def pack(cls, pulse_id: int, global_timestamp_ns: int, header: DataHeader,
+             frames: Sequence[bytes]) -> RawMessage:
+        parts = [frames[0], *frames[2:]]
+        return cls(pulse_id, global_timestamp_ns, header, b"".join(parts),
+                   array("I", accumulate(map(len, parts))))
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.payload)
+
+    @property
+    def frames(self) -> list[bytes | memoryview]:
+        """The message's parts as received, with an empty data-header part."""
+        view = memoryview(self.payload)
+        parts = [view[start:end] for start, end in zip((0, *self.ends), self.ends)]
+        return [parts[0], b"", *parts[1:]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ HEADER = DataHeader("0" * 32, ())
 
 
 def message(pulse_id: int, nbytes: int = 10) -> RawMessage:
-    return RawMessage(pulse_id, 0, HEADER, [b"x" * nbytes], nbytes)
+    return RawMessage.pack(pulse_id, 0, HEADER, [b"x" * nbytes])
 
 
 def filled(pulse_ids, max_messages=100, max_bytes=10**6) -> RingBuffer:
@@ -92,6 +92,13 @@ def test_wait_for_wakes_when_the_message_arrives():
     thread.join(10)
     assert woke.is_set()
     assert ring.wait_for(5, timeout=0.01) is False
+
+
+def test_a_message_keeps_its_parts_but_not_the_shared_data_header():
+    frames = [b'{"main": 1}', b'{"data header": "parsed once"}', b"value", b"t" * 16, b"", b""]
+    packed = RawMessage.pack(7, 0, HEADER, frames)
+    assert [bytes(part) for part in packed.frames] == [frames[0], b"", *frames[2:]]
+    assert packed.nbytes == sum(map(len, frames)) - len(frames[1])
 
 
 def test_rejects_a_ring_without_room():
