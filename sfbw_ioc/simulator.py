@@ -150,8 +150,9 @@ class Simulator:
             if delay_ns > 0 and self._stopping.wait(delay_ns / 1e9):
                 break
             self._send(pulse_id)
-            # After a stall, skip the missed pulses rather than send a burst.
-            pulse_id = self._next_pulse(max(pulse_id + 1, self._clock_pulse()))
+            # After a stall, catch up with a burst like a real source's send queue: a
+            # skipped pulse would look like a loss to whoever checks the stream.
+            pulse_id = self._next_pulse(pulse_id + 1)
 
     def _clock_pulse(self) -> int:
         return (time.time_ns() - PULSE_ID_EPOCH_NS) // self._period_ns
