@@ -394,6 +394,9 @@ class AcquisitionController:
                    f"{_pulse_range(acquisition)} to {path}")
         with self._lock:
             self._active = None
+            if self._status.lost:  # the final message must not hide the loss
+                message += (f"; {self._status.lost} messages of the range were lost: "
+                            f"the writer fell behind")
             self._set_status(replace(self._status, state=State.IDLE, message=message,
                                      last_file=str(path), written=rows,
                                      file_bytes=_size(path)))

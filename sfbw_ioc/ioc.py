@@ -120,8 +120,16 @@ class SfbwIOC(PVGroup):
     async def STATE(self, instance, async_lib) -> None:
         loop = asyncio.get_running_loop()
         queue = async_lib.ThreadsafeQueue()
-        self.backend.controller.set_on_change(
-            lambda status: loop.call_soon_threadsafe(queue.put, status))
+
+        def on_change(status: Status) -> None:
+            # After the server stopped (SIGTERM), the file being closed must not fail
+            # because nobody is left to publish its status.
+            try:
+                loop.call_soon_threadsafe(queue.put, status)
+            except RuntimeError:  # the loop is closed
+                pass
+
+        self.backend.controller.set_on_change(on_change)
         await self._fill_record_fields()
         await self.OUTPUT_ROOT.write(str(self.backend.controller.output_root))
         await self.STREAM.write(self.backend.stream)

@@ -112,7 +112,8 @@ class Receiver(threading.Thread):
 
     def _open_socket(self) -> zmq.Socket:
         socket = self._context.socket(MODES[self.mode])
-        socket.setsockopt(zmq.RCVHWM, 10_000)
+        # Messages waiting in ZeroMQ are outside the ring and its byte budget: keep few.
+        socket.setsockopt(zmq.RCVHWM, 100)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.RECONNECT_IVL, 100)
         socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
