@@ -71,7 +71,13 @@ BSLZ4_HEADER_SIZE = 12
 # by their declared shape; strings and data headers have no declared size.
 MAX_VALUE_BYTES = 1 << 30
 MAX_STRING_BYTES = 64 << 20
-MAX_DATA_HEADER_BYTES = 64 << 20
+# Parsed JSON costs up to ~25 times its text (e.g. "[{},{},...]"), so header texts are
+# bounded tightly: a real main header has ~150 bytes, a data header ~100 per channel
+# (4 MiB: some 40,000 channels).
+MAX_MAIN_HEADER_BYTES = 64 << 10
+MAX_DATA_HEADER_BYTES = 4 << 20
+# HDF5 datasets have at most 32 dimensions, and the writer adds one for the rows.
+MAX_SHAPE_DIMS = 31
 
 _MAX_PULSE_ID = 1 << 63
 # An LZ4 block spends at least one byte per 255 bytes of output, and the LZ4 encoder never
@@ -223,6 +229,11 @@ def _lz4_decompress(
     if len(view) < LZ4_HEADER_SIZE:
         raise MalformedMessage("value_size", f"{len(view)}-byte lz4 value has no size prefix")
     payload = view[LZ4_HEADER_SIZE:]
+    # lz4.block.decompress allocates the whole output first: no more than LZ4 can give.
+    if expected is not None and expected > _LZ4_MAX_RATIO * len(payload):
+        raise MalformedMessage(
+            "value_size", f"{len(payload)} bytes of lz4 cannot hold {expected} bytes"
+        )
     sizes = _lz4_sizes(view[:LZ4_HEADER_SIZE], len(payload), expected, limit, big_endian)
     if not sizes:
         raise MalformedMessage(
@@ -275,9 +286,10 @@ def _bslz4_decompress(
     corrupt one.
     """
     nbytes, count, block = _bslz4_layout(view, itemsize, expected, limit)
+    blocks = _bslz4_blocks(view, count, block, itemsize)  # checks the layout: before allocating
     shuffled = bytearray(nbytes)
     start = 0
-    for raw in _bslz4_blocks(view, count, block, itemsize):
+    for raw in blocks:
         shuffled[start : start + len(raw)] = raw
         start += len(raw)
     # Elements past the last multiple of 8 are stored as they are, after the blocks.
@@ -314,9 +326,19 @@ def _bslz4_layout(
 
 
 def _bslz4_blocks(view: memoryview, count: int, block: int, itemsize: int) -> Iterator[bytes]:
-    """Every LZ4 block decompressed with the bounds-checked decoder, layout checked first."""
+    """Every LZ4 block decompressed with the bounds-checked decoder. The layout is checked
+    right here (raising MalformedMessage), before the caller allocates anything; the
+    blocks are decompressed one by one as the result is iterated."""
+    for _ in _bslz4_spans(view, count, block, itemsize):  # a walk that keeps nothing
+        pass
+    return _bslz4_decompressed_blocks(view, _bslz4_spans(view, count, block, itemsize))
+
+
+def _bslz4_decompressed_blocks(
+    view: memoryview, spans: Iterator[tuple[int, int, int]]
+) -> Iterator[bytes]:
     try:
-        for begin, end, size in _bslz4_spans(view, count, block, itemsize):
+        for begin, end, size in spans:
             raw = lz4.block.decompress(view[begin:end], uncompressed_size=size)
             if len(raw) != size:
                 raise MalformedMessage("compression", "bitshuffle_lz4: short block")
@@ -327,23 +349,26 @@ def _bslz4_blocks(view: memoryview, count: int, block: int, itemsize: int) -> It
 
 def _bslz4_spans(
     view: memoryview, count: int, block: int, itemsize: int
-) -> list[tuple[int, int, int]]:
+) -> Iterator[tuple[int, int, int]]:
     """(start, end, uncompressed size) of every LZ4 block, checked to tile the value
-    exactly (before anything is allocated for the output)."""
-    spans = []
+    exactly (a generator: a message of many tiny blocks must not become a big list)."""
     pos = BSLZ4_HEADER_SIZE
     for elements in _bslz4_block_elements(count, block):
         if pos + _BSLZ4_BLOCK_PREFIX.size > len(view):
             raise MalformedMessage("value_size", "bitshuffle_lz4 value truncated")
         (length,) = _BSLZ4_BLOCK_PREFIX.unpack_from(view, pos)
         pos += _BSLZ4_BLOCK_PREFIX.size
-        spans.append((pos, pos + length, elements * itemsize))
+        if elements * itemsize > _LZ4_MAX_RATIO * length:
+            raise MalformedMessage(
+                "value_size",
+                f"bitshuffle_lz4 block of {length} bytes cannot hold {elements * itemsize}",
+            )
+        yield pos, pos + length, elements * itemsize
         pos += length
     if pos + (count % 8) * itemsize != len(view):
         raise MalformedMessage(
             "value_size", f"bitshuffle_lz4 blocks end at byte {pos} of {len(view)}"
         )
-    return spans
 
 
 def _bslz4_block_elements(count: int, block: int) -> Iterator[int]:
@@ -358,6 +383,8 @@ def _bslz4_block_elements(count: int, block: int) -> Iterator[int]:
 
 def parse_main_header(part: Buffer) -> MainHeader:
     """Parse the first part of a message; raises MalformedMessage("main_header", ...)."""
+    if len(part) > MAX_MAIN_HEADER_BYTES:
+        raise MalformedMessage("main_header", f"{len(part)} bytes, limit {MAX_MAIN_HEADER_BYTES}")
     obj = _load_json(part, "main_header")
     htype = obj.get("htype")
     if not isinstance(htype, str) or not htype.startswith("bsr_m"):
@@ -417,6 +444,8 @@ def _parse_data_header(part: Buffer, compression: str, digest: str) -> DataHeade
         raw = _decompress(part, compression, 1, None, MAX_DATA_HEADER_BYTES, False)
     except MalformedMessage as exc:
         raise MalformedMessage("data_header", exc.detail) from None
+    if len(raw) > MAX_DATA_HEADER_BYTES:  # an uncompressed one
+        raise MalformedMessage("data_header", f"{len(raw)} bytes, limit {MAX_DATA_HEADER_BYTES}")
     obj = _load_json(raw, "data_header")
     htype = obj.get("htype")
     if not isinstance(htype, str) or not htype.startswith("bsr_d"):
@@ -436,6 +465,8 @@ def _parse_channel(obj: Any) -> ChannelSpec:
     name = obj.get("name")
     if not isinstance(name, str) or not name:
         raise MalformedMessage("data_header", f"channel name {name!r} is not a string")
+    if not _usable_name(name):
+        raise MalformedMessage("data_header", f"channel name {name!r} cannot name an HDF5 group")
     try:
         spec = ChannelSpec(
             name,
@@ -453,6 +484,15 @@ def _parse_channel(obj: Any) -> ChannelSpec:
     return spec
 
 
+def _usable_name(name: str) -> bool:
+    """Names become HDF5 group names (with '/' escaped): UTF-8, no NUL, not '.'/'..'."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates, which json.loads lets through
+        return False
+    return "\0" not in name and name not in (".", "..")
+
+
 def _channel_type(value: Any) -> str:
     if value is None:
         return "float64"
@@ -467,6 +507,8 @@ def _channel_shape(value: Any) -> tuple[int, ...]:
         return ()
     if not isinstance(value, list) or not all(type(d) is int and d > 0 for d in value):
         raise MalformedMessage("data_header", f"shape {value!r} is not a list of sizes")
+    if len(value) > MAX_SHAPE_DIMS:
+        raise MalformedMessage("data_header", f"shape of {len(value)} dimensions")
     shape = tuple(reversed(value))  # the wire lists the fastest dimension first
     return () if shape == (1,) else shape
 

@@ -137,6 +137,9 @@ class Receiver(threading.Thread):
                 batch.append(self._parse(frames))
             except MalformedMessage as error:
                 self._malformed.report(error)
+            except Exception as error:  # a codec bug must not end buffering: count, log
+                log.exception("unexpected error on a message; counted as malformed")
+                self._malformed.report(MalformedMessage("unexpected", repr(error)))
         if batch:
             self._store(batch)
 

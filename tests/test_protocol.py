@@ -524,3 +524,11 @@ def test_random_bytes_only_raise_malformed(part: bytes, compression: str) -> Non
             parse(part)
         except MalformedMessage:
             pass
+
+
+@pytest.mark.parametrize("name", [".", "..", "a\0b", "\ud800"])
+def test_channel_names_that_cannot_name_an_hdf5_group_are_malformed(name):
+    text = json.dumps({"htype": "bsr_d-1.1", "channels": [{"name": name, "type": "float64"}]})
+    with pytest.raises(MalformedMessage) as info:
+        parse_data_header(text.encode(), "none")
+    assert info.value.kind == "data_header"
