@@ -35,7 +35,7 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterator, Sequence
+from typing import Any, Collection, Iterator, Sequence
 
 import bitshuffle
 import lz4.block
@@ -494,12 +494,7 @@ def _usable_name(name: str) -> bool:
 
 
 def _channel_type(value: Any) -> str:
-    if value is None:
-        return "float64"
-    type_ = value.lower() if isinstance(value, str) else None
-    if type_ not in BSREAD_TYPES:
-        raise MalformedMessage("data_header", f"unknown type {value!r}")
-    return type_
+    return _one_of(value, BSREAD_TYPES, "float64", "type")
 
 
 def _channel_shape(value: Any) -> tuple[int, ...]:
@@ -514,12 +509,17 @@ def _channel_shape(value: Any) -> tuple[int, ...]:
 
 
 def _channel_encoding(value: Any) -> str:
+    return _one_of(value, ENCODINGS, "little", "encoding")
+
+
+def _one_of(value: Any, allowed: Collection[str], default: str, what: str) -> str:
+    """A declared name, compared case-insensitively; ``default`` when not declared."""
     if value is None:
-        return "little"
-    encoding = value.lower() if isinstance(value, str) else None
-    if encoding not in ENCODINGS:
-        raise MalformedMessage("data_header", f"unknown encoding {value!r}")
-    return encoding
+        return default
+    name = value.lower() if isinstance(value, str) else None
+    if name not in allowed:
+        raise MalformedMessage("data_header", f"unknown {what} {value!r}")
+    return name
 
 
 class HeaderCache:
