@@ -95,6 +95,7 @@ class AcquisitionController:
         self._shutdown = threading.Event()
         self._active: _Acquisition | None = None
         self._pending_stop: int | None = None
+        self._starting = False  # a START is opening its file (without the lock)
         self._status = Status()
         self._thread = threading.Thread(target=self._run, name="hdf5-writer", daemon=True)
 
@@ -119,16 +120,17 @@ class AcquisitionController:
         Opens the file; raises ``AcquisitionError`` with the reason when refused.
         """
         with self._lock:
-            if self._active is not None:
-                raise AcquisitionError(
-                    f"an acquisition is running ({self._status.state.name}, "
-                    f"{self._status.file}): STOP or ABORT it first")
-            stop = self._pending_stop
-            if start_pulse_id is not None and stop is not None and stop < start_pulse_id:
-                raise AcquisitionError(
-                    f"start {start_pulse_id} is after the stop already set ({stop})")
+            self._check_can_start(start_pulse_id)
+            self._starting = True
+        # The disk is touched without the lock: status() must stay instant for the IOC.
+        try:
             target = self.resolve_output(output_file)
             writer = _open_writer(target, general)
+        finally:
+            with self._lock:
+                self._starting = False
+        with self._lock:
+            stop = self._pending_stop
             acquisition = self._new_acquisition(writer, start_pulse_id, stop)
             self._pending_stop = None
             self._active = acquisition
@@ -140,6 +142,18 @@ class AcquisitionController:
         self._wake.set()
         self._ring.wake_readers()
         return target
+
+    def _check_can_start(self, start_pulse_id: int | None) -> None:
+        if self._starting:
+            raise AcquisitionError("another START is being carried out")
+        if self._active is not None:
+            raise AcquisitionError(
+                f"an acquisition is running ({self._status.state.name}, "
+                f"{self._status.file}): STOP or ABORT it first")
+        stop = self._pending_stop
+        if start_pulse_id is not None and stop is not None and stop < start_pulse_id:
+            raise AcquisitionError(
+                f"start {start_pulse_id} is after the stop already set ({stop})")
 
     def stop(self, stop_pulse_id: int | None) -> Future:
         """Set the last pulse id to write (None: the last message received so far).
