@@ -737,7 +737,8 @@ def _checked_chunks(
         view = memoryview(parts[row])
         try:
             _, count, block = _bslz4_layout(view, itemsize, value_nbytes(spec), MAX_VALUE_BYTES)
-            for _ in _bslz4_blocks(view, count, block, itemsize):
+            # One walk: nothing is allocated here that the layout check would protect.
+            for _ in _bslz4_decompressed_blocks(view, _bslz4_spans(view, count, block, itemsize)):
                 pass
         except MalformedMessage as exc:
             present[row] = False

