@@ -383,12 +383,7 @@ def _bslz4_block_elements(count: int, block: int) -> Iterator[int]:
 
 def parse_main_header(part: Buffer) -> MainHeader:
     """Parse the first part of a message; raises MalformedMessage("main_header", ...)."""
-    if len(part) > MAX_MAIN_HEADER_BYTES:
-        raise MalformedMessage("main_header", f"{len(part)} bytes, limit {MAX_MAIN_HEADER_BYTES}")
-    obj = _load_json(part, "main_header")
-    htype = obj.get("htype")
-    if not isinstance(htype, str) or not htype.startswith("bsr_m"):
-        raise MalformedMessage("main_header", f"htype {htype!r} is not bsr_m")
+    obj = _load_header(part, "main_header", MAX_MAIN_HEADER_BYTES, "bsr_m")
     pulse_id = obj.get("pulse_id")
     # type(), not isinstance(): JSON true would otherwise pass as pulse id 1.
     if type(pulse_id) is not int or not 0 <= pulse_id < _MAX_PULSE_ID:
@@ -399,6 +394,17 @@ def parse_main_header(part: Buffer) -> MainHeader:
     compression = _compression(obj.get("dh_compression"), "main_header")
     timestamp_ns = _global_timestamp_ns(obj.get("global_timestamp"))
     return MainHeader(pulse_id, timestamp_ns, digest, compression)
+
+
+def _load_header(part: Buffer, kind: str, limit: int, htype: str) -> dict[str, Any]:
+    """A header's JSON object, bounded in size and checked to be of its ``htype``."""
+    if len(part) > limit:
+        raise MalformedMessage(kind, f"{len(part)} bytes, limit {limit}")
+    obj = _load_json(part, kind)
+    found = obj.get("htype")
+    if not isinstance(found, str) or not found.startswith(htype):
+        raise MalformedMessage(kind, f"htype {found!r} is not {htype}")
+    return obj
 
 
 def _load_json(part: Buffer, kind: str) -> dict[str, Any]:
@@ -444,12 +450,7 @@ def _parse_data_header(part: Buffer, compression: str, digest: str) -> DataHeade
         raw = _decompress(part, compression, 1, None, MAX_DATA_HEADER_BYTES, False)
     except MalformedMessage as exc:
         raise MalformedMessage("data_header", exc.detail) from None
-    if len(raw) > MAX_DATA_HEADER_BYTES:  # an uncompressed one
-        raise MalformedMessage("data_header", f"{len(raw)} bytes, limit {MAX_DATA_HEADER_BYTES}")
-    obj = _load_json(raw, "data_header")
-    htype = obj.get("htype")
-    if not isinstance(htype, str) or not htype.startswith("bsr_d"):
-        raise MalformedMessage("data_header", f"htype {htype!r} is not bsr_d")
+    obj = _load_header(raw, "data_header", MAX_DATA_HEADER_BYTES, "bsr_d")
     channels = obj.get("channels")
     if not isinstance(channels, list):
         raise MalformedMessage("data_header", "channels is not a list")
