@@ -56,8 +56,6 @@ class Status:
     message: str = ""
     file: str = ""  # target of the running (or last) acquisition
     last_file: str = ""  # last completed file
-    start_pulse_id: int | None = None
-    stop_pulse_id: int | None = None
     written: int = 0
     missing: int = 0
     lost: int = 0  # messages the ring dropped before the writer took them
@@ -141,7 +139,7 @@ class AcquisitionController:
             self._active = acquisition
             message = self._start_message(acquisition, target)
             self._set_status(Status(State.WAITING, message, str(target),
-                                    self._status.last_file, start_pulse_id, stop,
+                                    self._status.last_file,
                                     version=self._status.version))
         log.info("%s", message)
         self._wake.set()
@@ -173,7 +171,7 @@ class AcquisitionController:
                 if stop_pulse_id is None:
                     raise AcquisitionError("no acquisition is running: nothing to stop")
                 self._pending_stop = stop_pulse_id
-                self._set_status(replace(self._status, stop_pulse_id=stop_pulse_id,
+                self._set_status(replace(self._status,
                                          message=f"stop {stop_pulse_id} set for the next start"))
                 future.set_result(None)
                 return future
@@ -185,7 +183,7 @@ class AcquisitionController:
                 acquisition.stop_pulse_id = stop_pulse_id
                 stop_text = str(stop_pulse_id)
             acquisition.stop_futures.append(future)
-            self._set_status(replace(self._status, stop_pulse_id=stop_pulse_id,
+            self._set_status(replace(self._status,
                                      message=f"stopping at {stop_text}"))
         self._ring.wake_readers()
         return future

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import math
 import time
+import concurrent.futures
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -220,7 +221,7 @@ class SfbwIOC(PVGroup):
         await self._publish_status(self.backend.controller.status())
         return result
 
-    async def _until_closed(self, done: asyncio.Future | Any) -> None:
+    async def _until_closed(self, done: concurrent.futures.Future) -> None:
         """Hold a put-with-callback until the file is on disk (a failure fails the put)."""
         try:
             await asyncio.wrap_future(done)

@@ -71,20 +71,6 @@ class _Definition:
             raise ValueError(f"channel {spec.name!r} has unknown bsread type {spec.type!r}")
         return cls(spec.type, () if spec.type == "string" else spec.shape)
 
-    @classmethod
-    def of(cls, value: ChannelValue) -> _Definition:
-        """The definition of a present value (its spec is trustworthy then)."""
-        name, bsread_type = value.spec.name, value.spec.type
-        if bsread_type == "string":
-            if not isinstance(value.value, str):
-                raise TypeError(f"string channel {name!r} carries a {type(value.value).__name__}")
-            return cls("string", ())
-        if bsread_type not in BSREAD_TYPES:
-            raise ValueError(f"channel {name!r} has unknown bsread type {bsread_type!r}")
-        if not isinstance(value.value, (np.ndarray, np.generic)):  # numpy scalars too
-            raise TypeError(f"channel {name!r} carries a {type(value.value).__name__}")
-        return cls(bsread_type, value.value.shape)
-
     @property
     def row_shape(self) -> tuple[int, ...]:
         return self.shape or (1,)
@@ -147,6 +133,21 @@ def _write_rows(dataset: h5py.Dataset, first: int, rows: np.ndarray) -> None:
 
 def _chunk_rows(row_bytes: int) -> int:
     return max(1, min(MAX_CHUNK_ROWS, CHUNK_TARGET_BYTES // max(1, row_bytes)))
+
+
+def _check_value(value: ChannelValue) -> None:
+    """A present value must be what its spec says: the spec defines its column."""
+    definition = _Definition.of_spec(value.spec)
+    name = value.spec.name
+    if definition.bsread_type == "string":
+        if not isinstance(value.value, str):
+            raise TypeError(f"string channel {name!r} carries a {type(value.value).__name__}")
+        return
+    if not isinstance(value.value, (np.ndarray, np.generic)):  # numpy scalars too
+        raise TypeError(f"channel {name!r} carries a {type(value.value).__name__}")
+    if value.value.shape != definition.shape:
+        raise ValueError(f"channel {name!r}: a value of shape {value.value.shape} for a "
+                         f"spec of shape {definition.shape}")
 
 
 def _column_bytes(column: Column) -> int:
@@ -383,7 +384,7 @@ class FileWriter:
         latest = {value.spec.name: value for value in values}
         for value in latest.values():
             if value.value is not None:
-                _Definition.of(value)  # a wrong value fails here, before any change
+                _check_value(value)  # a wrong value fails here, before any change
         self.append_columns([pulse_id], [_one_row(value) for value in latest.values()])
 
     def append_columns(self, pulse_ids: Sequence[int], columns: Sequence[Column]) -> None:
