@@ -21,9 +21,9 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from .protocol import decode_columns
+from .protocol import Column, MalformedMessage, decode_columns, decode_uniform_columns
 from .receiver import MalformedCounter
-from .ring import RawMessage, RingBuffer, typical_step
+from .ring import RawMessage, RingBuffer, stack_uniform, typical_step
 from .writer import FileWriter
 
 log = logging.getLogger(__name__)
@@ -358,7 +358,7 @@ class AcquisitionController:
     def _append(self, acquisition: _Acquisition, run: list[RawMessage]) -> None:
         """Decode messages that share a data header channel by channel, and append them."""
         pulse_ids = [message.pulse_id for message in run]
-        columns, errors = decode_columns(run[0].header, [message.frames for message in run])
+        columns, errors = _decode_run(run)
         for row, error in errors:
             self._malformed.report(error, pulse_ids[row])
         acquisition.writer.append_columns(pulse_ids, columns)
@@ -447,6 +447,15 @@ class AcquisitionController:
                                      written=acquisition.writer.rows))
         for future in futures:
             future.set_exception(AcquisitionError(message))
+
+
+def _decode_run(run: list[RawMessage]) -> tuple[list[Column], list[tuple[int, MalformedMessage]]]:
+    """Columns of messages sharing a data header; sliced out of one array when every
+    message has the same part lengths (a steady stream of plain values)."""
+    stacked = stack_uniform(run)
+    if stacked is None:
+        return decode_columns(run[0].header, [message.frames for message in run])
+    return decode_uniform_columns(run[0].header, *stacked)
 
 
 def _runs_of_one_header(messages: list[RawMessage]) -> list[list[RawMessage]]:

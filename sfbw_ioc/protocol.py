@@ -660,6 +660,33 @@ def decode_columns(
     return columns, errors
 
 
+def decode_uniform_columns(
+    header: DataHeader, rows: np.ndarray, offsets: Sequence[int]
+) -> tuple[list[Column], list[tuple[int, MalformedMessage]]]:
+    """decode_columns for a run whose messages have parts of the same lengths, stacked
+    as ``rows``, an (n, bytes) uint8 array: channel i's value is in the columns
+    ``offsets[2i]:offsets[2i + 1]`` and its timestamp in ``offsets[2i + 1]:offsets[2i + 2]``.
+
+    A plain value becomes its column by slicing, with no work per message: the cost of
+    a steady stream of scalars does not grow with its rate. Never raises MalformedMessage.
+    """
+    if len(offsets) != 2 * len(header.channels) + 1:
+        raise ValueError(f"{len(offsets)} offsets for {len(header.channels)} channels")
+    errors: list[tuple[int, MalformedMessage]] = []
+    columns = []
+    for index, spec in enumerate(header.channels):
+        start, middle, end = offsets[2 * index : 2 * index + 3]
+        values, stamps = rows[:, start:middle], rows[:, middle:end]
+        if (spec.compression == "none" and middle - start == value_nbytes(spec)
+                and end - middle == TIMESTAMP_SIZE):
+            columns.append(Column(spec, np.ones(len(rows), bool),
+                                  _as_timestamps(spec, stamps), _as_values(spec, values)))
+        else:
+            columns.append(_decode_column(
+                spec, list(map(memoryview, values)), list(map(memoryview, stamps)), errors))
+    return columns, errors
+
+
 def _decode_column(
     spec: ChannelSpec,
     value_parts: list[Buffer],
@@ -691,19 +718,32 @@ def _all_sized(spec: ChannelSpec, parts: list[Buffer], present: np.ndarray) -> b
 
 
 def _joined_array(spec: ChannelSpec, parts: list[Buffer], present: np.ndarray) -> np.ndarray:
-    dtype = wire_dtype(spec)
-    zero = bytes(value_nbytes(spec))
-    joined = b"".join(part if ok else zero for part, ok in zip(parts, present))
-    array = np.frombuffer(joined, dtype).reshape((len(parts),) + spec.shape)
-    if spec.type == "bool":
-        return array.view(np.uint8).astype(bool)
-    return array if dtype.isnative else array.astype(dtype.newbyteorder("="))
+    return _as_values(spec, _joined(parts, present, value_nbytes(spec)))
 
 
 def _joined_timestamps(spec: ChannelSpec, parts: list[Buffer], present: np.ndarray) -> np.ndarray:
-    zero = bytes(TIMESTAMP_SIZE)
+    return _as_timestamps(spec, _joined(parts, present, TIMESTAMP_SIZE))
+
+
+def _joined(parts: list[Buffer], present: np.ndarray, size: int) -> np.ndarray:
+    """The parts as an (n, size) uint8 array, zeros where absent."""
+    zero = bytes(size)
     joined = b"".join(part if ok else zero for part, ok in zip(parts, present))
-    pairs = np.frombuffer(joined, _dtype("int64", spec.encoding)).reshape(-1, 2)
+    return np.frombuffer(joined, np.uint8).reshape(len(parts), size)
+
+
+def _as_values(spec: ChannelSpec, raw: np.ndarray) -> np.ndarray:
+    """(n, value bytes) uint8, wire order, to (n, *shape) values in native order."""
+    dtype = wire_dtype(spec)
+    array = raw.view(dtype).reshape((len(raw),) + spec.shape)
+    if spec.type == "bool":
+        return array.view(np.uint8).astype(bool)  # any non-zero byte is true, as in C
+    return array if dtype.isnative else array.astype(dtype.newbyteorder("="))
+
+
+def _as_timestamps(spec: ChannelSpec, raw: np.ndarray) -> np.ndarray:
+    """(n, 16) uint8, wire order, to ns since the epoch."""
+    pairs = raw.view(_dtype("int64", spec.encoding))
     return (pairs[:, 0] * NS_PER_SECOND + pairs[:, 1]).astype(np.int64)
 
 
@@ -762,10 +802,7 @@ def _decode_payload(spec: ChannelSpec, part: Buffer) -> np.ndarray | str:
             raise MalformedMessage("string", f"not UTF-8: {exc}") from None
     if len(raw) != expected:
         raise MalformedMessage("value_size", f"{len(raw)} bytes, expected {expected}")
-    array = np.frombuffer(raw, dtype).reshape(spec.shape)
-    if spec.type == "bool":
-        return array.view(np.uint8).astype(bool)  # any non-zero byte is true, as in C
-    return array if dtype.isnative else array.astype(dtype.newbyteorder("="))
+    return _as_values(spec, np.frombuffer(raw, np.uint8).reshape(1, expected))[0, ...]
 
 
 def _decode_timestamp(spec: ChannelSpec, part: Buffer) -> int:

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .protocol import DataHeader
+from .protocol import Buffer, DataHeader
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,14 +31,17 @@ class RawMessage:
     global_timestamp_ns: int
     header: DataHeader
     payload: bytes  # the main header, then every value and timestamp part
-    ends: array  # where each of those parts ends in ``payload``
+    main_length: int  # of the main header
+    # Where each value and timestamp part ends, counted from the end of the main header:
+    # messages of a steady stream have equal ``ends`` although their main headers vary.
+    ends: array
 
     @classmethod
     def pack(cls, pulse_id: int, global_timestamp_ns: int, header: DataHeader,
-             frames: Sequence[bytes]) -> RawMessage:
-        parts = [frames[0], *frames[2:]]
-        return cls(pulse_id, global_timestamp_ns, header, b"".join(parts),
-                   array("I", accumulate(map(len, parts))))
+             frames: Sequence[Buffer]) -> RawMessage:
+        main, values = frames[0], frames[2:]
+        return cls(pulse_id, global_timestamp_ns, header, b"".join([main, *values]),
+                   len(main), array("I", accumulate(map(len, values))))
 
     @property
     def nbytes(self) -> int:
@@ -48,8 +51,21 @@ class RawMessage:
     def frames(self) -> list[bytes | memoryview]:
         """The message's parts as received, with an empty data-header part."""
         view = memoryview(self.payload)
-        parts = [view[start:end] for start, end in zip((0, *self.ends), self.ends)]
-        return [parts[0], b"", *parts[1:]]
+        values = view[self.main_length:]
+        parts = [values[start:end] for start, end in zip((0, *self.ends), self.ends)]
+        return [view[:self.main_length], b"", *parts]
+
+
+def stack_uniform(messages: Sequence[RawMessage]) -> tuple[np.ndarray, array] | None:
+    """The value and timestamp parts of messages whose parts all have the same lengths,
+    as one (n, bytes) uint8 array, and where each part starts and ends in a row
+    (0 first, then the ``ends``); None when the lengths differ."""
+    ends = messages[0].ends
+    if any(message.ends != ends for message in messages):
+        return None
+    joined = b"".join(memoryview(message.payload)[message.main_length:] for message in messages)
+    rows = np.frombuffer(joined, np.uint8).reshape(len(messages), ends[-1] if ends else 0)
+    return rows, array("I", [0]) + ends
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,10 @@ import hdf5plugin  # noqa: F401  (bitshuffle filter for reading)
 import numpy as np
 import pytest
 
-from sfbw_ioc.protocol import (ChannelSpec, HeaderCache, decode_columns, decode_values,
-                               encode_message, is_direct_chunk, parse_main_header)
+from sfbw_ioc.protocol import (ChannelSpec, HeaderCache, decode_columns,
+                               decode_uniform_columns, decode_values, encode_message,
+                               is_direct_chunk, parse_main_header)
+from sfbw_ioc.ring import RawMessage, stack_uniform
 from sfbw_ioc.writer import FileWriter
 from vectors import CASES, load_case
 
@@ -47,6 +49,84 @@ def test_columns_hold_exactly_what_decoding_one_message_at_a_time_gives(case):
                 else:
                     assert column.values[row].dtype == value.value.dtype
                     assert np.array_equal(column.values[row], value.value)
+
+
+def assert_same_columns(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.spec == b.spec and a.chunked == b.chunked
+        assert a.present.tolist() == b.present.tolist()
+        assert a.timestamps.tolist() == b.timestamps.tolist()
+        if a.chunked or isinstance(b.values, list):
+            assert [None if v is None else bytes(v) if a.chunked else v for v in a.values] \
+                == [None if v is None else bytes(v) if b.chunked else v for v in b.values]
+        else:
+            assert a.values.dtype == b.values.dtype and a.values.shape == b.values.shape
+            assert np.array_equal(a.values, b.values)
+
+
+def packed(header, run):
+    return [RawMessage.pack(parse_main_header(frames[0]).pulse_id, 0, header, frames)
+            for frames in run]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_run_of_equal_part_lengths_sliced_from_one_array_decodes_the_same(case):
+    messages, _, _ = load_case(case)
+    compared = 0
+    for header, run in runs_of_one_header(messages):
+        for message in packed(header, run):  # every message alone is a uniform run
+            columns, errors = decode_uniform_columns(header, *stack_uniform([message]))
+            assert_same_columns(columns, decode_columns(header, [message.frames])[0])
+            assert errors == []
+            compared += 1
+        stacked = stack_uniform(packed(header, run))
+        if stacked is not None:
+            columns, errors = decode_uniform_columns(header, *stacked)
+            assert_same_columns(columns, decode_columns(header, run)[0])
+    assert compared == len(messages)
+
+
+def test_uniform_columns_of_every_kind_of_value():
+    specs = [ChannelSpec("F", "float64", ()), ChannelSpec("B", "bool", (3,)),
+             ChannelSpec("U", "uint32", (2, 2), "big"), ChannelSpec("S", "string", ()),
+             ChannelSpec("L", "int16", (64,), compression="lz4"),
+             ChannelSpec("I", "uint16", (8, 8), compression="bitshuffle_lz4"),
+             ChannelSpec("A", "int8", ())]
+    rows = []
+    for row in range(5):
+        values = [np.float64(row / 3), np.array([row & 1, 0, 2], np.uint8).astype(bool),
+                  np.full((2, 2), row, np.uint32), f"s{row}", np.zeros(64, np.int16),
+                  np.full((8, 8), 7, np.uint16), None]
+        rows.append(encode_message(PULSE0 + row, 0, [(spec, value, 10**9 * row + 5)
+                                                     for spec, value in zip(specs, values)]))
+    header = HeaderCache().get(parse_main_header(rows[0][0]), rows[0][1])
+    stacked = stack_uniform(packed(header, rows))
+    assert stacked is not None
+    columns, errors = decode_uniform_columns(header, *stacked)
+    assert errors == []
+    assert_same_columns(columns, decode_columns(header, rows)[0])
+    assert columns[0].values.tolist() == [row / 3 for row in range(5)]
+    assert columns[2].values.dtype == np.dtype("=u4") and columns[2].values[4].max() == 4
+    assert columns[6].present.tolist() == [False] * 5
+
+
+def test_runs_whose_part_lengths_differ_are_not_stacked():
+    spec = ChannelSpec("S", "string", ())
+    rows = [encode_message(PULSE0 + i, 0, [(spec, "x" * i, 0)]) for i in (1, 2)]
+    header = HeaderCache().get(parse_main_header(rows[0][0]), rows[0][1])
+    assert stack_uniform(packed(header, rows)) is None
+    assert stack_uniform(packed(header, rows[:1])) is not None
+
+
+def test_main_headers_of_different_lengths_do_not_prevent_stacking():
+    spec = ChannelSpec("F", "float64", ())
+    rows = [encode_message(pulse_id, 10**18 + pulse_id, [(spec, pulse_id / 2, 0)])
+            for pulse_id in (9, 10, 12345)]
+    assert len({len(frames[0]) for frames in rows}) == 3
+    header = HeaderCache().get(parse_main_header(rows[0][0]), rows[0][1])
+    columns, _ = decode_uniform_columns(header, *stack_uniform(packed(header, rows)))
+    assert columns[0].values.tolist() == [4.5, 5.0, 6172.5]
 
 
 def image_messages(shapes, corrupt_rows=()):
