@@ -162,10 +162,15 @@ class RingBuffer:
                 return self._oldest_seq
             return self._next_seq
 
-    def wait_for(self, seq: int, timeout: float) -> bool:
-        """Block until a message with ``seq`` was appended, or ``timeout`` seconds pass."""
+    def wait_for(self, seq: int, timeout: float, pulse_id: int | None = None) -> bool:
+        """Block until a message with ``seq`` was appended, or (if given) one with a pulse
+        id of at least ``pulse_id``, or ``timeout`` seconds pass. True unless timed out."""
+        def arrived() -> bool:
+            return self._next_seq > seq or (
+                pulse_id is not None and self._count() > 0
+                and self._slot(self._next_seq - 1).pulse_id >= pulse_id)
         with self._cond:
-            return self._cond.wait_for(lambda: self._next_seq > seq, timeout)
+            return self._cond.wait_for(arrived, timeout)
 
     def wake_readers(self) -> None:
         """Wake threads blocked in ``wait_for`` so they can look at new commands."""

@@ -17,6 +17,7 @@ final name once complete; an existing file is never overwritten.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import math
 import os
@@ -167,6 +168,28 @@ def _one_row(value: ChannelValue) -> Column:
                   np.array([value.timestamp_ns if present else 0], dtype=np.int64), values)
 
 
+def _coalesced(pending: list[tuple[int, Column]]) -> list[tuple[int, Column]]:
+    """Buffered columns that follow each other joined into one, except images stored as
+    chunks: a write then costs a few numpy operations per channel, not per batch."""
+    runs: list[list[tuple[int, Column]]] = []
+    for row, column in pending:
+        if runs and not column.chunked and not runs[-1][-1][1].chunked and (
+                runs[-1][-1][0] + len(runs[-1][-1][1].present) == row):
+            runs[-1].append((row, column))
+        else:
+            runs.append([(row, column)])
+    return [run[0] if len(run) == 1 else (run[0][0], _joined_columns([c for _, c in run]))
+            for run in runs]
+
+
+def _joined_columns(columns: list[Column]) -> Column:
+    values = columns[0].values
+    joined = (list(itertools.chain.from_iterable(c.values for c in columns))
+              if isinstance(values, list) else np.concatenate([c.values for c in columns]))
+    return Column(columns[0].spec, np.concatenate([c.present for c in columns]),
+                  np.concatenate([c.timestamps for c in columns]), joined)
+
+
 class _Channel:
     """One channel's datasets, and its rows buffered since the last write."""
 
@@ -200,6 +223,7 @@ class _Channel:
         """Write rows [start, end): the buffered values, absent everywhere else."""
         if self._group is None:
             self._create_group(pulse_id)
+        self._pending = _coalesced(self._pending)
         present = np.zeros(end - start, dtype=np.uint8)
         timestamps = np.zeros(end - start, dtype=np.int64)
         for row, column in self._pending:

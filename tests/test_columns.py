@@ -129,6 +129,35 @@ def test_main_headers_of_different_lengths_do_not_prevent_stacking():
     assert columns[0].values.tolist() == [4.5, 5.0, 6172.5]
 
 
+def test_batches_appended_one_after_another_are_written_as_sent(tmp_path):
+    specs = [ChannelSpec("F", "float64", ()), ChannelSpec("S", "string", ()),
+             ChannelSpec("I", "uint16", (4, 8), compression="bitshuffle_lz4")]
+    rows = []
+    for row in range(7):
+        values = [row * 1.5, f"r{row}", np.full((4, 8), row, np.uint16)]
+        frames = encode_message(PULSE0 + row, 0, [(spec, value, 10**9 * row + 1)
+                                                  for spec, value in zip(specs, values)])
+        for index in {3: [0], 5: [2]}.get(row, []) + ([] if row % 2 else [1]):
+            frames[2 + 2 * index] = frames[3 + 2 * index] = b""  # absent in this pulse
+        rows.append(frames)
+    header = HeaderCache().get(parse_main_header(rows[0][0]), rows[0][1])
+    writer = FileWriter(tmp_path / "f.h5", {}, batch_rows=100)
+    for first, end in ((0, 2), (2, 3), (3, 7)):  # three batches, one write at close
+        columns, errors = decode_columns(header, rows[first:end])
+        assert errors == []
+        writer.append_columns([PULSE0 + row for row in range(first, end)], columns)
+    writer.close()
+    with h5py.File(tmp_path / "f.h5") as f:
+        assert f["data/F/is_data_present"][:].tolist() == [1, 1, 1, 0, 1, 1, 1]
+        assert f["data/F/data"][:, 0].tolist() == [0, 1.5, 3, 0, 6, 7.5, 9]
+        assert [v.decode() for v in f["data/S/data"][:, 0]] == ["", "r1", "", "r3", "", "r5", ""]
+        assert f["data/S/timestamp"][:].tolist() == [0, 10**9 + 1, 0, 3 * 10**9 + 1, 0,
+                                                     5 * 10**9 + 1, 0]
+        assert f["data/I/is_data_present"][:].tolist() == [1, 1, 1, 1, 1, 0, 1]
+        assert [int(image.max()) for image in f["data/I/data"][:]] == [0, 1, 2, 3, 4, 0, 6]
+        assert f["data/I/pulse_id"][:].tolist() == [PULSE0 + row for row in range(7)]
+
+
 def image_messages(shapes, corrupt_rows=()):
     spec_of = {shape: ChannelSpec("CAM:IMG", "uint16", shape, compression="bitshuffle_lz4")
                for shape in set(shapes)}

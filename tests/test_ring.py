@@ -94,6 +94,24 @@ def test_wait_for_wakes_when_the_message_arrives():
     assert ring.wait_for(5, timeout=0.01) is False
 
 
+def test_wait_for_also_wakes_when_a_pulse_id_arrives():
+    ring = filled([100])
+    woke = threading.Event()
+
+    def reader():  # waits for seq 50, i.e. 49 more messages, or pulse id 102
+        if ring.wait_for(50, timeout=10, pulse_id=102):
+            woke.set()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    ring.append(message(101))
+    assert not woke.wait(0.05)  # a pulse before 102 does not end the wait
+    ring.append(message(102))
+    thread.join(10)
+    assert woke.is_set()
+    assert ring.wait_for(50, timeout=0.01, pulse_id=103) is False
+
+
 def test_a_message_keeps_its_parts_but_not_the_shared_data_header():
     frames = [b'{"main": 1}', b'{"data header": "parsed once"}', b"value", b"t" * 16, b"", b""]
     packed = RawMessage.pack(7, 0, HEADER, frames)
