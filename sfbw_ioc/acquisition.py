@@ -29,6 +29,9 @@ from .writer import FileWriter
 log = logging.getLogger(__name__)
 
 _BATCH = 256  # messages taken from the ring per writer step
+# ... and at most this many bytes of them: decoding and writing copy a batch two or
+# three times, memory beyond the ring's budget (a 1 MiB-image flood peaked at 975 MiB).
+_BATCH_BYTES = 8 * 1024 * 1024
 _FLUSH_INTERVAL_S = 1.0  # a killed process loses at most this much written data
 _WAIT_S = 0.1  # writer thread's longest sleep: bounds the reaction to a silent stream
 # A slow stream is written in batches gathered for this long (never past the stop
@@ -301,7 +304,7 @@ class AcquisitionController:
             return
         if self._gathering(acquisition):
             return
-        result = self._ring.read(acquisition.cursor, _BATCH)
+        result = self._ring.read(acquisition.cursor, _BATCH, _BATCH_BYTES)
         if result.lost:
             self._note_lost(acquisition, result.lost)
         acquisition.cursor = result.first_seq

@@ -20,8 +20,10 @@ log = logging.getLogger(__name__)
 MODES = {"pull": zmq.PULL, "sub": zmq.SUB}
 _POLL_MS = 100
 # Messages taken per wake-up; they reach the ring together (one lock, one wake-up of
-# the writer), so a burst costs less per message than a trickle.
+# the writer), so a burst costs less per message than a trickle. Bounded in bytes too:
+# a batch is memory outside the ring's budget.
 _DRAIN_BATCH = 64
+_DRAIN_BYTES = 8 * 1024 * 1024
 
 
 class MalformedCounter:
@@ -130,14 +132,18 @@ class Receiver(threading.Thread):
         return socket
 
     def _drain(self, socket: zmq.Socket) -> None:
-        batch = []
+        batch: list[RawMessage] = []
+        nbytes = 0
         for _ in range(_DRAIN_BATCH):
+            if nbytes >= _DRAIN_BYTES:
+                break
             try:
                 frames = _receive_parts(socket)
             except zmq.Again:
                 break
             try:
                 batch.append(self._parse(frames))
+                nbytes += batch[-1].nbytes
             except MalformedMessage as error:
                 self._malformed.report(error)
             except Exception as error:  # a codec bug must not end buffering: count, log

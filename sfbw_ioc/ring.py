@@ -133,12 +133,20 @@ class RingBuffer:
                 self._nbytes += message.nbytes
             self._cond.notify_all()
 
-    def read(self, from_seq: int, max_count: int) -> ReadResult:
-        """Up to ``max_count`` messages starting at ``from_seq`` (or the oldest still held)."""
+    def read(self, from_seq: int, max_count: int, max_bytes: int | None = None) -> ReadResult:
+        """Up to ``max_count`` messages starting at ``from_seq`` (or the oldest still held),
+        and no more than ``max_bytes`` of them (but at least one): what a reader holds
+        stays in memory after the ring evicts it, outside the ring's byte budget."""
         with self._cond:
             first = max(from_seq, self._oldest_seq)
             last = min(first + max_count, self._next_seq)
-            messages = [self._slot(seq) for seq in range(first, last)]
+            messages, nbytes = [], 0
+            for seq in range(first, last):
+                message = self._slot(seq)
+                nbytes += message.nbytes
+                if messages and max_bytes is not None and nbytes > max_bytes:
+                    break
+                messages.append(message)
             return ReadResult(messages, first, first - from_seq)
 
     def find_start(self, pulse_id: int) -> int:

@@ -51,6 +51,13 @@ def test_read_reports_what_the_ring_dropped_before_the_reader_came():
     assert ring.read(20, 10).messages == [] and ring.read(20, 10).lost == 0
 
 
+def test_read_takes_no_more_bytes_than_asked_but_always_one_message():
+    ring = filled(range(10))  # 10 bytes each
+    assert [m.pulse_id for m in ring.read(2, 100, max_bytes=35).messages] == [2, 3, 4]
+    assert [m.pulse_id for m in ring.read(2, 100, max_bytes=5).messages] == [2]
+    assert len(ring.read(0, 4, max_bytes=1000).messages) == 4
+
+
 def test_find_start_in_a_monotonic_stream():
     ring = filled(range(100, 200, 10))
     assert ring.find_start(130) == 3
