@@ -15,7 +15,9 @@ import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Sequence  # noqa: E402
 
-from caproto.asyncio.server import run  # noqa: E402
+import asyncio  # noqa: E402
+
+from caproto.asyncio.server import Context  # noqa: E402
 from caproto.server import template_arg_parser  # noqa: E402
 
 from . import epicsdb  # noqa: E402
@@ -24,7 +26,8 @@ from .ioc import Backend, SfbwIOC  # noqa: E402
 from .receiver import MalformedCounter, Receiver  # noqa: E402
 from .ring import RingBuffer  # noqa: E402
 from .simulator import Simulator  # noqa: E402
-from .watchdog import Watchdog, heartbeat  # noqa: E402
+from .caprobe import CaProbe, probe_address  # noqa: E402
+from .watchdog import Watchdog  # noqa: E402
 
 log = logging.getLogger("sfbw_ioc")
 
@@ -86,8 +89,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, object]:
                         help="machine pulse rate in Hz, to close a file when a silent "
                              "stream must have passed the stop (default: 100)")
     parser.add_argument("--watchdog-seconds", type=non_negative_float, default=10.0,
-                        help="exit with status 70 when the IOC's event loop has not "
-                             "answered for this long, so that a supervisor restarts it "
+                        help="exit with status 70 when Channel Access has not answered "
+                             "for this long (the IOC reads its own STATE as a new client "
+                             "twice a second), so that a supervisor restarts it "
                              "(0: off; default: 10)")
     parser.add_argument("--write-db", type=Path, metavar="FILE",
                         help="write the PV list as an EPICS database file and exit")
@@ -147,10 +151,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     controller.start_thread()
     stop_requested = _stop_on_signals()
     watchdog = Watchdog(args.watchdog_seconds) if args.watchdog_seconds else None
+    probes: list[CaProbe] = []
 
-    async def loop_heartbeat(async_lib) -> None:
-        if watchdog is not None:
-            await heartbeat(watchdog)
+    async def serve() -> None:
+        server = Context(ioc.pvdb, run_options["interfaces"])  # in the loop it runs in
+
+        async def start_probe(async_lib) -> None:
+            """The server is listening now: its port is known (caproto takes another
+            when the configured one is in use)."""
+            if watchdog is not None:
+                probe = CaProbe(probe_address(next(iter(server.tcp_sockets)), server.port),
+                                ioc.STATE.pvname, watchdog.beat)
+                probes.append(probe)
+                probe.start()
+
+        await server.run(log_pv_names=run_options["log_pv_names"], startup_hook=start_probe)
 
     log.info("IOC %s serving %d PVs; files go to %s", args.prefix, len(ioc.pvdb),
              controller.output_root)
@@ -158,8 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if watchdog is not None:
             watchdog.start()
-        run(ioc.pvdb, interfaces=run_options["interfaces"],
-            log_pv_names=run_options["log_pv_names"], startup_hook=loop_heartbeat)
+        asyncio.run(serve())
         if not stop_requested.is_set():
             log.critical("the Channel Access server ended by itself")
             status = 1
@@ -173,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Closing a file may take a while: the loop is gone, the watchdog must not fire.
         if watchdog is not None:
             watchdog.stop()
+        for probe in probes:
+            probe.stop()
         # A running acquisition is completed with what has arrived before exiting.
         controller.shutdown()
         receiver.stop()

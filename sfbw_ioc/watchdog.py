@@ -1,20 +1,19 @@
-"""A watchdog for the IOC's asyncio loop: exit when it stops answering.
+"""A watchdog for the IOC's Channel Access server: exit when it stops answering.
 
-caproto serves Channel Access from one asyncio loop. If that loop blocks (a handler
-stuck writing to a stalled log pipe, a caproto bug) the process stays alive but deaf,
-and a supervisor sees nothing wrong. ``Watchdog`` is a plain thread that expects
-``beat()`` at least every ``timeout_s`` seconds; ``heartbeat`` is the coroutine that
-beats from the loop. When the beats stop, the watchdog calls ``on_stale`` — by default
+A deaf server in a live process (its event loop stuck writing to a stalled log pipe,
+its accept loop out of file descriptors, a caproto task dead) looks healthy to a
+supervisor. ``Watchdog`` is a plain thread that expects ``beat()`` at least every
+``timeout_s`` seconds; the beats come from ``caprobe.CaProbe``, a real CA read of the
+IOC's own PV. When they stop, the watchdog calls ``on_stale`` — by default
 ``exit_process``: a CRITICAL log line (best effort) and ``os._exit(EXIT_STALLED)``, so
 that systemd (``Restart=on-failure``) starts the IOC again.
 
-The watchdog cannot rely on anything the stalled loop might hold: it never waits for
-the loop, and it does not wait more than a second for its own log line (the log
+The watchdog cannot rely on anything the stalled server might hold: it never waits for
+the event loop, and it does not wait more than a second for its own log line (the log
 stream may be what is blocked).
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
@@ -24,7 +23,6 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 EXIT_STALLED = 70  # EX_SOFTWARE: an internal error, the supervisor should restart
-HEARTBEAT_PERIOD_S = 0.5
 _LOG_GRACE_S = 1.0
 
 
@@ -32,7 +30,7 @@ def exit_process(age_s: float, timeout_s: float) -> None:
     """Log a CRITICAL line if the log stream takes it within a second, then exit."""
     logger = threading.Thread(
         target=log.critical, daemon=True, name="watchdog-log",
-        args=("the IOC's event loop has not answered for %.1f s (limit %.1f s): exiting "
+        args=("Channel Access has not answered for %.1f s (limit %.1f s): exiting "
               "with status %d so that the supervisor restarts the IOC",
               age_s, timeout_s, EXIT_STALLED))
     logger.start()
@@ -83,9 +81,3 @@ class Watchdog:
                 self._on_stale(age, self.timeout_s)
                 return
 
-
-async def heartbeat(watchdog: Watchdog, period_s: float = HEARTBEAT_PERIOD_S) -> None:
-    """Beat ``watchdog`` from the running loop every ``period_s`` seconds, forever."""
-    while True:
-        watchdog.beat()
-        await asyncio.sleep(period_s)

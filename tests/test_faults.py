@@ -8,6 +8,8 @@ import fcntl
 import itertools
 import json
 import os
+import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -26,7 +28,8 @@ from harness import (CHANNELS, REPO, BsreadSource, IocProcess, assert_rows, asse
                      caput_binary, free_port, ioc_environment, poll, timestamp_for,
                      unique_prefix, value_for)
 from sfbw_ioc.protocol import ChannelSpec, encode_message
-from sfbw_ioc.watchdog import Watchdog, heartbeat
+from sfbw_ioc.caprobe import ProbeFailed, read_pv
+from sfbw_ioc.watchdog import Watchdog
 
 TESTS = Path(__file__).resolve().parent
 _bases = itertools.count(20_000_000_000, 1_000_000)
@@ -415,18 +418,52 @@ def test_watchdog_fires_once_when_the_heartbeat_stops():
         watchdog.stop()
 
 
-def test_heartbeat_coroutine_beats_from_an_asyncio_loop():
-    import asyncio
-    watchdog = Watchdog(10.0, on_stale=lambda *_: None)
-    watchdog._last_beat = 0.0  # long ago
+def test_the_self_check_reads_a_pv_as_a_new_client_would(iocs, tmp_path):
+    source = BsreadSource()
+    ioc = iocs(["--stream", source.address, "--output-root", str(tmp_path / "out")])
+    try:
+        assert read_pv(("127.0.0.1", ioc.port), ioc.pv("STATE"), 5.0) is not None
+        with pytest.raises(ProbeFailed):
+            read_pv(("127.0.0.1", ioc.port), ioc.pv("NO_SUCH_PV"), 5.0)
+        with pytest.raises(OSError):
+            read_pv(("127.0.0.1", free_port()), ioc.pv("STATE"), 5.0)
+        # The IOC's own probe connects twice a second; the log tells only of ours.
+        ports: list[int] = []
+        logged_before = len(ioc.log_path.read_text().splitlines())
+        for _ in range(4):
+            read_pv(("127.0.0.1", ioc.port), ioc.pv("STATE"), 5.0, before_connect=ports.append)
+            time.sleep(0.5)  # lets the IOC's probe run meanwhile; not a synchronisation
+        logged = [line for line in ioc.log_path.read_text().splitlines()[logged_before:]
+                  if "Connected to new client" in line]
+        assert [re.search(r"client at [\d.]+:(\d+)", line).group(1) for line in logged] \
+            == [str(port) for port in ports]
+    finally:
+        source.close()
 
-    async def briefly():
-        task = asyncio.get_running_loop().create_task(heartbeat(watchdog, 0.05))
-        await asyncio.sleep(0.2)
-        task.cancel()
 
-    asyncio.run(briefly())
-    assert watchdog.age_s < 1.0
+def test_an_ioc_out_of_file_descriptors_is_deaf_and_exits_70(iocs, tmp_path):
+    """Alive but deaf for real: with no descriptor left, the server cannot accept a
+    connection (existing clients would still be served). The self-check notices."""
+    source = BsreadSource()
+    ioc = iocs(["--stream", source.address, "--output-root", str(tmp_path / "out"),
+                "--watchdog-seconds", "3"])
+    try:
+        assert read_pv(("127.0.0.1", ioc.port), ioc.pv("STATE"), 5.0) is not None
+        open_fds = len(os.listdir(f"/proc/{ioc.pid}/fd"))
+        resource.prlimit(ioc.pid, resource.RLIMIT_NOFILE, (open_fds, open_fds))
+        deadline = time.monotonic() + 30
+        deaf_seen = False
+        while ioc.process.poll() is None:
+            assert time.monotonic() < deadline, "the IOC neither went deaf nor exited"
+            try:
+                read_pv(("127.0.0.1", ioc.port), ioc.pv("STATE"), 0.5)
+            except (OSError, ProbeFailed):
+                deaf_seen = deaf_seen or ioc.process.poll() is None
+        assert ioc.process.returncode == 70
+        assert deaf_seen, "the IOC exited before it was seen not answering"
+        assert "Channel Access has not answered" in ioc.log_path.read_text()
+    finally:
+        source.close()
 
 
 def test_a_stalled_event_loop_makes_the_ioc_exit_70(iocs, tmp_path):
