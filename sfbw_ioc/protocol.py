@@ -770,8 +770,8 @@ def _checked_chunks(
     spec: ChannelSpec, parts: list[Buffer], present: np.ndarray,
     errors: list[tuple[int, MalformedMessage]],
 ) -> list:
-    """The values, checked to decompress exactly (HDF5's bitshuffle filter decodes with
-    LZ4's unchecked decoder: a corrupt chunk could crash whoever reads the file)."""
+    """The values, checked to decompress exactly: bitshuffle's decoder (HDF5's filter)
+    trusts the block sizes in a chunk, so a corrupt chunk could crash whoever reads it."""
     chunks: list = [None] * len(parts)
     itemsize = wire_dtype(spec).itemsize
     for row in np.flatnonzero(present):
