@@ -95,7 +95,10 @@ class PacedSender(threading.Thread):
     def run(self) -> None:
         due = time.monotonic()
         while not self.halt.is_set():
-            self.source.send(self.next_pulse_id, channels=self.channels)
+            try:
+                self.source.send(self.next_pulse_id, channels=self.channels)
+            except zmq.Again:  # no receiver for SNDTIMEO (the IOC was killed): done
+                return
             self.sent.append(self.next_pulse_id)
             self.next_pulse_id += 1
             due += self.period
