@@ -131,7 +131,7 @@ class CaProbe:
         if now - self._last_log >= _LOG_EVERY_S:
             self._last_log = now
             log.warning("Channel Access self-check: reading %s from %s:%d failed: %s",
-                        self.pv_name, *self.address, error or type(error).__name__)
+                        self.pv_name, *self.address, str(error) or type(error).__name__)
 
 
 def probe_address(interface: str, port: int) -> tuple[str, int]:

@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     controller.start_thread()
     stop_requested = _stop_on_signals()
     watchdog = Watchdog(args.watchdog_seconds) if args.watchdog_seconds else None
-    probes: list[CaProbe] = []
+    probe: CaProbe | None = None
 
     async def serve() -> None:
         server = Context(ioc.pvdb, run_options["interfaces"])  # in the loop it runs in
@@ -159,13 +159,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         async def start_probe(async_lib) -> None:
             """The server is listening now: its port is known (caproto takes another
             when the configured one is in use)."""
-            if watchdog is not None:
-                probe = CaProbe(probe_address(next(iter(server.tcp_sockets)), server.port),
-                                ioc.STATE.pvname, watchdog.beat)
-                probes.append(probe)
-                probe.start()
+            nonlocal probe
+            assert watchdog is not None
+            probe = CaProbe(probe_address(next(iter(server.tcp_sockets)), server.port),
+                            ioc.STATE.pvname, watchdog.beat)
+            probe.start()
 
-        await server.run(log_pv_names=run_options["log_pv_names"], startup_hook=start_probe)
+        await server.run(log_pv_names=run_options["log_pv_names"],
+                         startup_hook=start_probe if watchdog is not None else None)
 
     log.info("IOC %s serving %d PVs; files go to %s", args.prefix, len(ioc.pvdb),
              controller.output_root)
@@ -187,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Closing a file may take a while: the loop is gone, the watchdog must not fire.
         if watchdog is not None:
             watchdog.stop()
-        for probe in probes:
+        if probe is not None:
             probe.stop()
         # A running acquisition is completed with what has arrived before exiting.
         controller.shutdown()

@@ -176,13 +176,18 @@ def _coalesced(pending: list[tuple[int, Column]]) -> list[tuple[int, Column]]:
     chunks: a write then costs a few numpy operations per channel, not per batch."""
     runs: list[list[tuple[int, Column]]] = []
     for row, column in pending:
-        if runs and not column.chunked and not runs[-1][-1][1].chunked and (
-                runs[-1][-1][0] + len(runs[-1][-1][1].present) == row):
+        if runs and _follows(runs[-1][-1], row, column):
             runs[-1].append((row, column))
         else:
             runs.append([(row, column)])
     return [run[0] if len(run) == 1 else (run[0][0], _joined_columns([c for _, c in run]))
             for run in runs]
+
+
+def _follows(previous: tuple[int, Column], row: int, column: Column) -> bool:
+    previous_row, previous_column = previous
+    return (not (column.chunked or previous_column.chunked)
+            and previous_row + len(previous_column.present) == row)
 
 
 def _joined_columns(columns: list[Column]) -> Column:
