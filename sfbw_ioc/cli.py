@@ -201,10 +201,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _stop_on_signals() -> threading.Event:
     """SIGTERM (systemd, tests) and Ctrl-C end the server as KeyboardInterrupt, so
-    files get closed; the event tells a requested stop from a server that died."""
+    files get closed; the event tells a requested stop from a server that died. Only
+    the first signal interrupts: a second one (Ctrl-C twice, `timeout` signalling the
+    process and then its group) must not break off the closing of the file."""
     requested = threading.Event()
 
     def interrupt(signum, frame):
+        if requested.is_set():
+            log.warning("%s again: still completing the open file", signal.Signals(signum).name)
+            return
         requested.set()
         raise KeyboardInterrupt
 

@@ -112,7 +112,12 @@ class PacedSender(threading.Thread):
 
 # ---- 1. SIGTERM --------------------------------------------------------------------------
 
-def test_sigterm_during_an_acquisition_completes_the_file_and_exits_0(iocs, tmp_path):
+@pytest.mark.parametrize("more_signals", [(), (signal.SIGTERM, signal.SIGINT)],
+                         ids=["once", "repeated"])
+def test_sigterm_during_an_acquisition_completes_the_file_and_exits_0(iocs, tmp_path,
+                                                                     more_signals):
+    """Also when the signal comes again while the file is being closed (Ctrl-C pressed
+    twice; `timeout` signals the child and then its process group)."""
     root, source, base = tmp_path / "out", BsreadSource(), next(_bases)
     ioc = iocs(["--stream", source.address, "--output-root", str(root)])
     try:
@@ -123,6 +128,12 @@ def test_sigterm_during_an_acquisition_completes_the_file_and_exits_0(iocs, tmp_
         # Ten more that are received (in the ring) but maybe not yet written.
         source.send_range(base + 30, base + 39)
         ioc.wait_for("LAST_PULSE_ID", base + 39)
+        if more_signals:
+            ioc.process.send_signal(signal.SIGTERM)
+            # Once the server is down, the IOC is completing the file: signal it again.
+            poll(lambda: "Server exiting" in ioc.log(), what="the server going down")
+            for sig in more_signals:
+                ioc.process.send_signal(sig)
         assert ioc.stop(signal.SIGTERM) == 0, ioc.log()
     finally:
         source.close()
