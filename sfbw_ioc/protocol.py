@@ -137,11 +137,17 @@ class DataHeader:
     value_part_sizes: tuple[tuple[int | None, int], ...] = field(
         init=False, repr=False, compare=False
     )
+    # The lengths of every value and timestamp part when all channels have an exact size
+    # and are present, else None: a steady stream is then checked by one list comparison.
+    usual_part_lengths: list[int] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "value_part_sizes", tuple(map(_value_part_size, self.channels))
-        )
+        sizes = tuple(map(_value_part_size, self.channels))
+        object.__setattr__(self, "value_part_sizes", sizes)
+        usual = None
+        if all(exact is not None for exact, _ in sizes):
+            usual = [n for exact, _ in sizes for n in (exact, TIMESTAMP_SIZE)]
+        object.__setattr__(self, "usual_part_lengths", usual)
 
 
 @dataclass(slots=True)
@@ -565,6 +571,8 @@ def check_structure(header: DataHeader, frames: Sequence[Buffer]) -> None:
     """
     _check_part_count(header, frames)
     lengths = list(map(len, frames))
+    if lengths[2:] == header.usual_part_lengths:
+        return
     checks = zip(header.value_part_sizes, lengths[2::2], lengths[3::2])
     for index, ((exact, minimum), value_len, stamp_len) in enumerate(checks):
         if stamp_len != TIMESTAMP_SIZE:

@@ -17,6 +17,7 @@ final name once complete; an existing file is never overwritten.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import math
@@ -113,26 +114,44 @@ class _Definition:
 PLACEHOLDER = _Definition("float64", ())  # the data of a channel never present in a file
 
 
-def _row_dataset(group: h5py.Group, name: str | None, dtype: type) -> h5py.Dataset:
-    return group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
-                                chunks=(_chunk_rows(np.dtype(dtype).itemsize),))
+def _row_dataset(group: h5py.Group, name: str | None, dtype: type) -> _Rows:
+    return _Rows(group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
+                                      chunks=(_chunk_rows(np.dtype(dtype).itemsize),)))
 
 
-# h5py's high-level resize and slice assignment cost ~100 µs each in Python; a wide
-# stream (1000 channels) makes thousands per flush, so rows go in at the low level.
-def _extend(dataset: h5py.Dataset, rows: int) -> None:
-    """Resize ``dataset`` to ``rows`` rows."""
-    dataset.id.set_extent((rows,) + dataset.id.shape[1:])
+@functools.lru_cache(maxsize=256)
+def _memory_space(shape: tuple[int, ...]) -> h5py.h5s.SpaceID:
+    return h5py.h5s.create_simple(shape)
 
 
-def _write_rows(dataset: h5py.Dataset, first: int, rows: np.ndarray) -> None:
-    """Write numeric ``rows`` from row ``first`` on, extending the dataset as needed."""
-    rows = np.ascontiguousarray(rows)
-    if dataset.id.shape[0] < first + len(rows):
-        _extend(dataset, first + len(rows))
-    file_space = dataset.id.get_space()
-    file_space.select_hyperslab((first,) + (0,) * (rows.ndim - 1), rows.shape)
-    dataset.id.write(h5py.h5s.create_simple(rows.shape), file_space, rows)
+class _Rows:
+    """A dataset that grows by rows, written at HDF5's low level.
+
+    h5py's high-level resize and slice assignment cost ~100 µs each, and asking HDF5 for
+    a shape ~7 µs; a wide stream (1000 channels, three datasets each) makes thousands of
+    writes per flush, so the length is kept here and rows go in at the low level.
+    """
+
+    __slots__ = ("dataset", "length", "_row_shape")
+
+    def __init__(self, dataset: h5py.Dataset) -> None:
+        self.dataset = dataset
+        self.length = dataset.shape[0]
+        self._row_shape = dataset.shape[1:]
+
+    def resize(self, rows: int) -> None:
+        if rows != self.length:
+            self.dataset.id.set_extent((rows,) + self._row_shape)
+            self.length = rows
+
+    def write(self, first: int, rows: np.ndarray) -> None:
+        """Write numeric ``rows`` from row ``first`` on, growing as needed."""
+        rows = np.ascontiguousarray(rows)
+        if self.length < first + len(rows):
+            self.resize(first + len(rows))
+        file_space = self.dataset.id.get_space()
+        file_space.select_hyperslab((first,) + (0,) * (rows.ndim - 1), rows.shape)
+        self.dataset.id.write(_memory_space(rows.shape), file_space, rows)
 
 
 def _chunk_rows(row_bytes: int) -> int:
@@ -206,8 +225,8 @@ class _Channel:
         self.definition: _Definition | None = None
         self._data_group = data_group
         self._group: h5py.Group | None = None
-        self._row_datasets: dict[str, h5py.Dataset] = {}
-        self._data: h5py.Dataset | None = None
+        self._row_datasets: dict[str, _Rows] = {}
+        self._data: _Rows | None = None
         self._definition_first_row = 0
         self._retired = 0
         # Columns buffered since the last write, with the row each begins at.
@@ -217,7 +236,7 @@ class _Channel:
         """Start a new ``data`` at ``row``; the old one (fully written) moves aside."""
         assert self._data is not None and self._group is not None and not self._pending
         self._retired += 1
-        self._data.attrs["last_row"] = row - 1
+        self._data.dataset.attrs["last_row"] = row - 1
         self._group.move("data", f"data({self._retired})")
         self._data = None
         self.definition = definition
@@ -227,7 +246,7 @@ class _Channel:
         if column.present.any():
             self._pending.append((row, column))
 
-    def write(self, start: int, end: int, pulse_id: h5py.Dataset) -> None:
+    def write(self, start: int, end: int, pulse_id: _Rows) -> None:
         """Write rows [start, end): the buffered values, absent everywhere else."""
         if self._group is None:
             self._create_group(pulse_id)
@@ -241,9 +260,9 @@ class _Channel:
 
         for key, rows in (("is_data_present", present), ("timestamp", timestamps)):
             dataset = self._row_datasets[key]
-            if dataset.id.shape[0] < start:  # a new channel: earlier rows are absent
-                _extend(dataset, start)
-            _write_rows(dataset, start, rows)
+            if dataset.length < start:  # a new channel: earlier rows are absent
+                dataset.resize(start)
+            dataset.write(start, rows)
 
         if self.definition is not None:
             self._write_data(end)
@@ -260,8 +279,8 @@ class _Channel:
             self._data = None
             self._restore_retired()
         for dataset in [*self._row_datasets.values(), self._data]:
-            if dataset is not None and dataset.id.shape[0] > rows:
-                _extend(dataset, rows)
+            if dataset is not None and dataset.length > rows:
+                dataset.resize(rows)
 
     def _restore_retired(self) -> None:
         if not self._retired:
@@ -271,11 +290,12 @@ class _Channel:
         assert self._group is not None
         self._group.move(f"data({self._retired})", "data")
         self._retired -= 1
-        self._data = self._group["data"]
-        del self._data.attrs["last_row"]
-        self._definition_first_row = int(self._data.attrs["first_row"])
-        self.definition = _Definition(str(self._data.attrs["bsread_type"]),
-                                      tuple(int(n) for n in self._data.attrs["shape"]))
+        self._data = _Rows(self._group["data"])
+        attrs = self._data.dataset.attrs
+        del attrs["last_row"]
+        self._definition_first_row = int(attrs["first_row"])
+        self.definition = _Definition(str(attrs["bsread_type"]),
+                                      tuple(int(n) for n in attrs["shape"]))
 
     def finish(self, rows: int) -> None:
         """Give a channel that never had a value its all-zero placeholder data."""
@@ -283,13 +303,13 @@ class _Channel:
             self.definition = PLACEHOLDER
             self._write_data(rows)
 
-    def _create_group(self, pulse_id: h5py.Dataset) -> None:
+    def _create_group(self, pulse_id: _Rows) -> None:
         # '/' would nest groups; SwissFEL names use ':' only, so escaping is rare.
         self._group = self._data_group.create_group(self.name.replace("/", "%2F"))
         self._group.attrs["name"] = self.name
         # Rows are aligned, so every channel's pulse_id is the same: one dataset, hard
         # linked into each group, written once per batch instead of once per channel.
-        self._group["pulse_id"] = pulse_id
+        self._group["pulse_id"] = pulse_id.dataset
         for key, dtype in (("is_data_present", np.uint8), ("timestamp", np.int64)):
             self._row_datasets[key] = _row_dataset(self._group, key, dtype)
 
@@ -300,14 +320,14 @@ class _Channel:
         assert definition is not None and self._group is not None
         if self._data is None:
             self._data = self._create_data(definition)
-        _extend(self._data, end)
+        self._data.resize(end)
         plain = [(row, column) for row, column in self._pending if not column.chunked]
         if plain:
             first, _, block = self._block(definition, plain)
             if definition.bsread_type == "string":
-                self._data[first:first + len(block)] = block
+                self._data.dataset[first:first + len(block)] = block
             else:
-                _write_rows(self._data, first, block)
+                self._data.write(first, block)
         for row, column in self._pending:
             if column.chunked:
                 self._write_chunks(row, column)
@@ -317,10 +337,10 @@ class _Channel:
         assert self._data is not None
         origin = (0,) * len(self.definition.row_shape)
         for index in np.flatnonzero(column.present):
-            self._data.id.write_direct_chunk((first_row + int(index),) + origin,
+            self._data.dataset.id.write_direct_chunk((first_row + int(index),) + origin,
                                              column.values[index])
 
-    def _create_data(self, definition: _Definition) -> h5py.Dataset:
+    def _create_data(self, definition: _Definition) -> _Rows:
         assert self._group is not None
         data = self._group.create_dataset(
             "data", shape=(0,) + definition.row_shape, dtype=definition.dtype,
@@ -328,7 +348,7 @@ class _Channel:
         data.attrs["bsread_type"] = definition.bsread_type
         data.attrs["shape"] = np.array(definition.shape, dtype=np.int64)
         data.attrs["first_row"] = self._definition_first_row
-        return data
+        return _Rows(data)
 
     @staticmethod
     def _block(definition: _Definition,
@@ -469,7 +489,7 @@ class FileWriter:
             self._write_batch()
             for channel in self._channels.values():
                 channel.truncate(rows)
-            _extend(self._pulse_id, rows)
+            self._pulse_id.resize(rows)
         del self._pulse_ids[rows:]
         self._rows = self._batch_start = rows
 
@@ -536,7 +556,7 @@ class FileWriter:
         start, end = self._batch_start, self._rows
         if end == start:
             return
-        _write_rows(self._pulse_id, start, np.array(self._pulse_ids[start:end], dtype=np.int64))
+        self._pulse_id.write(start, np.array(self._pulse_ids[start:end], dtype=np.int64))
         for channel in self._channels.values():
             channel.write(start, end, self._pulse_id)
         self._batch_start = end
