@@ -20,7 +20,7 @@ import asyncio  # noqa: E402
 from caproto.asyncio.server import Context  # noqa: E402
 from caproto.server import template_arg_parser  # noqa: E402
 
-from . import epicsdb  # noqa: E402
+from . import epicsdb, memory  # noqa: E402
 from .acquisition import AcquisitionController  # noqa: E402
 from .ioc import Backend, SfbwIOC  # noqa: E402
 from .receiver import MalformedCounter, Receiver  # noqa: E402
@@ -98,21 +98,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, object]:
     return parser, split
 
 
-def _return_freed_buffers_to_the_system() -> None:
-    """Make glibc serve large blocks (bsread images) with mmap, always.
-
-    glibc raises its mmap threshold after the first large blocks are freed, and then
-    keeps images evicted from the ring in a fragmented heap: after a flood of 1 MiB
-    images through a 200 MiB ring the IOC stayed at 584 MiB instead of ~270 MiB.
-    """
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, no dynamic growth
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser, split = build_parser()
     args = parser.parse_args(argv)
@@ -139,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream, mode = simulator.endpoint, "pull"
         log.info("simulated bsread source on %s", stream)
 
-    _return_freed_buffers_to_the_system()
+    memory.tune_allocator()
+    trimmer = memory.HeapTrimmer()
     ring = RingBuffer(args.buffer_length, args.buffer_bytes)
     malformed = MalformedCounter()
     receiver = Receiver(stream, ring, malformed, mode=mode)
@@ -149,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     receiver.start()
     controller.start_thread()
+    trimmer.start()
     stop_requested = _stop_on_signals()
     watchdog = Watchdog(args.watchdog_seconds) if args.watchdog_seconds else None
     probe: CaProbe | None = None
@@ -193,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A running acquisition is completed with what has arrived before exiting.
         controller.shutdown()
         receiver.stop()
+        trimmer.stop()
         if simulator is not None:
             simulator.stop()
     log.info("IOC stopped" if status == 0 else "IOC stopped after a failure")
