@@ -2,6 +2,9 @@
 bitshuffle_lz4 images: what lands in HDF5 equals what was sent, byte for byte."""
 from __future__ import annotations
 
+import ctypes
+import os
+
 import h5py
 import hdf5plugin  # noqa: F401  (bitshuffle filter for reading)
 import numpy as np
@@ -11,7 +14,7 @@ from sfbw_ioc.protocol import (ChannelSpec, HeaderCache, decode_columns,
                                decode_uniform_columns, decode_values, encode_message,
                                is_direct_chunk, parse_main_header)
 from sfbw_ioc.ring import RawMessage, stack_uniform
-from sfbw_ioc.writer import FileWriter
+from sfbw_ioc.writer import FileWriter, _WriteBehind
 from vectors import CASES, load_case
 
 PULSE0 = 10_000_000_000
@@ -248,3 +251,94 @@ def test_big_endian_and_lz4_images_are_decoded_not_chunked():
         columns, errors = decode_columns(header, [frames, frames])
         assert errors == [] and not columns[0].chunked
         assert np.array_equal(columns[0].values[1], image)
+
+
+def _resident_pages(path, offset: int, length: int) -> tuple[int, int]:
+    """(resident, total) of the pages wholly inside [offset, offset + length) of a file."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    page = os.sysconf("SC_PAGE_SIZE")
+    start, end = -(-offset // page) * page, (offset + length) // page * page
+    if end <= start:
+        return 0, 0
+    pages = (end - start) // page
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, end - start, 1, 1, fd, start)  # PROT_READ, MAP_SHARED
+        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        vector = (ctypes.c_ubyte * pages)()
+        try:
+            assert libc.mincore(address, end - start, vector) == 0
+        finally:
+            libc.munmap(address, end - start)
+    finally:
+        os.close(fd)
+    return sum(byte & 1 for byte in vector), pages
+
+
+def _page_cache_can_be_dropped(directory) -> bool:
+    """False on file systems whose pages are the file (tmpfs): nothing to drop there."""
+    probe = directory / "probe"
+    probe.write_bytes(os.urandom(1 << 20))
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    resident, _ = _resident_pages(probe, 0, 1 << 20)
+    probe.unlink()
+    return resident == 0
+
+
+def test_written_images_leave_the_page_cache_one_flush_later(tmp_path):
+    """The write-behind: direct-chunk images are written back at a flush and dropped
+    from the cache at the next; the newest stay, and everything reads back exact."""
+    if not _page_cache_can_be_dropped(tmp_path):
+        pytest.skip("this file system keeps its pages in memory (tmpfs)")
+    _, sent, messages = image_messages([(256, 256)] * 30)
+    header = HeaderCache().get(parse_main_header(messages[0][0]), messages[0][1])
+    writer = FileWriter(tmp_path / "f.h5", {})
+    for first, last in ((0, 20), (20, 25), (25, 30)):  # flushed after each
+        columns, errors = decode_columns(header, messages[first:last])
+        assert errors == []
+        writer.append_columns([PULSE0 + row for row in range(first, last)], columns)
+        writer.flush()
+    with h5py.File(writer.partial, "r") as f:  # reads metadata only, not chunks
+        data = f["data/CAM:IMG/data"]
+        chunks = [data.id.get_chunk_info_by_coord((row, 0, 0)) for row in range(30)]
+    residency = [_resident_pages(writer.partial, c.byte_offset, c.size) for c in chunks]
+    writer.close()
+    assert all(total >= 4 for _, total in residency)  # ~100 kB each
+    # Rows 0-19 were dropped at the second flush, rows 20-24 at the third; 25-29 are
+    # on their way to the disk, still cached. A chunk HDF5 put next to new metadata
+    # (the first one, with the chunk index) is left to the kernel.
+    dropped = [resident == 0 for resident, _ in residency[:25]]
+    assert sum(dropped) >= 22, residency
+    assert all(resident == total for resident, total in residency[25:]), residency
+    with h5py.File(tmp_path / "f.h5") as f:
+        data = f["data/CAM:IMG/data"]
+        for row, frames in enumerate(messages):
+            assert data.id.read_direct_chunk((row, 0, 0))[1] == frames[2]
+            assert np.array_equal(data[row], sent[row])
+
+
+def test_write_behind_refused_by_the_file_system_only_ends_the_dropping(tmp_path, caplog):
+    """A descriptor sync_file_range refuses (here a pipe: ESPIPE) logs once and
+    leaves the data alone; only a failed write to disk (EIO, ENOSPC) is an error."""
+    read_end, write_end = os.pipe()
+    try:
+        write_behind = _WriteBehind(None, write_end)
+        write_behind._written(0, 1 << 20)
+        write_behind.cycle()
+        write_behind._written(1 << 20, 1 << 20)
+        write_behind.cycle()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "page cache not managed" in warnings[0], warnings
