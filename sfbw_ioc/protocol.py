@@ -364,6 +364,8 @@ def _bslz4_spans(
             raise MalformedMessage("value_size", "bitshuffle_lz4 value truncated")
         (length,) = _BSLZ4_BLOCK_PREFIX.unpack_from(view, pos)
         pos += _BSLZ4_BLOCK_PREFIX.size
+        if pos + length > len(view):
+            raise MalformedMessage("value_size", "bitshuffle_lz4 value truncated")
         if elements * itemsize > _LZ4_MAX_RATIO * length:
             raise MalformedMessage(
                 "value_size",

@@ -342,3 +342,25 @@ def test_write_behind_refused_by_the_file_system_only_ends_the_dropping(tmp_path
         os.close(write_end)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "page cache not managed" in warnings[0], warnings
+
+
+@pytest.mark.parametrize("edit, kind", [
+    (lambda body: body[:20] + b"\xff" * 20 + body[40:], "compression"),  # in the first block
+    (lambda body: body[:12] + b"\x7f\xf0\x00\x00" + body[16:], "value_size"),  # past the end
+    (lambda body: body[:12] + b"\x00\x00\x00\x08" + body[16:], "value_size"),  # too short
+    (lambda body: body[:-10], "value_size"),
+    (lambda body: body + b"\0", "value_size"),
+])
+def test_images_are_checked_block_by_block(edit, kind):
+    """Stored as chunks or decoded, an image whose LZ4 blocks do not decode exactly is
+    left out with an error; the images around it are intact."""
+    spec_of, sent, messages = image_messages([(48, 64)] * 3)
+    messages[1][2] = edit(messages[1][2])
+    header = HeaderCache().get(parse_main_header(messages[0][0]), messages[0][1])
+    columns, errors = decode_columns(header, messages)
+    assert [(row, error.kind) for row, error in errors] == [(1, kind)]
+    assert columns[0].chunked and columns[0].present.tolist() == [True, False, True]
+    for row in (0, 2):
+        values, row_errors = decode_values(header, messages[row])
+        assert row_errors == [] and np.array_equal(values[0].value, sent[row])
+    assert [e.kind for e in decode_values(header, messages[1])[1]] == [kind]
