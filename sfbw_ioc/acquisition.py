@@ -459,11 +459,13 @@ class AcquisitionController:
 
 def _decode_run(run: list[RawMessage]) -> tuple[list[Column], list[tuple[int, MalformedMessage]]]:
     """Columns of messages sharing a data header; sliced out of one array when every
-    message has the same part lengths (a steady stream of plain values)."""
+    message has the same part lengths (a steady stream of plain values). The receiver
+    checked the images on arrival."""
     stacked = stack_uniform(run)
     if stacked is None:
-        return decode_columns(run[0].header, [message.frames for message in run])
-    return decode_uniform_columns(run[0].header, *stacked)
+        return decode_columns(run[0].header, [message.frames for message in run],
+                              chunks_checked=True)
+    return decode_uniform_columns(run[0].header, *stacked, chunks_checked=True)
 
 
 def _runs_of_one_header(messages: list[RawMessage]) -> list[list[RawMessage]]:

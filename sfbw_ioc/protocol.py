@@ -140,6 +140,8 @@ class DataHeader:
     # The lengths of every value and timestamp part when all channels have an exact size
     # and are present, else None: a steady stream is then checked by one list comparison.
     usual_part_lengths: list[int] | None = field(init=False, repr=False, compare=False)
+    # The channels whose values go to HDF5 as chunks (see is_direct_chunk).
+    chunk_channels: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         sizes = tuple(map(_value_part_size, self.channels))
@@ -148,6 +150,8 @@ class DataHeader:
         if all(exact is not None for exact, _ in sizes):
             usual = [n for exact, _ in sizes for n in (exact, TIMESTAMP_SIZE)]
         object.__setattr__(self, "usual_part_lengths", usual)
+        object.__setattr__(self, "chunk_channels", tuple(
+            index for index, spec in enumerate(self.channels) if is_direct_chunk(spec)))
 
 
 @dataclass(slots=True)
@@ -649,11 +653,14 @@ def is_direct_chunk(spec: ChannelSpec) -> bool:
 
 
 def decode_columns(
-    header: DataHeader, messages: Sequence[Sequence[Buffer]]
+    header: DataHeader, messages: Sequence[Sequence[Buffer]], chunks_checked: bool = False
 ) -> tuple[list[Column], list[tuple[int, MalformedMessage]]]:
     """Decode a run of messages channel by channel: one numpy operation per channel for
     plain values instead of one per value. A value that cannot be decoded comes back
-    absent and is listed with its row. Never raises MalformedMessage."""
+    absent and is listed with its row. Never raises MalformedMessage.
+
+    ``chunks_checked``: the messages passed ``corrupt_chunks`` already (the receiver's),
+    their images are not checked again."""
     errors: list[tuple[int, MalformedMessage]] = []
     rows = []
     for row, frames in enumerate(messages):
@@ -664,14 +671,15 @@ def decode_columns(
             errors.append((row, exc))
             rows.append([b""] * (2 + 2 * len(header.channels)))
     columns = [
-        _decode_column(spec, [f[2 + 2 * i] for f in rows], [f[3 + 2 * i] for f in rows], errors)
+        _decode_column(spec, [f[2 + 2 * i] for f in rows], [f[3 + 2 * i] for f in rows], errors,
+                       chunks_checked)
         for i, spec in enumerate(header.channels)
     ]
     return columns, errors
 
 
 def decode_uniform_columns(
-    header: DataHeader, rows: np.ndarray, offsets: Sequence[int]
+    header: DataHeader, rows: np.ndarray, offsets: Sequence[int], chunks_checked: bool = False
 ) -> tuple[list[Column], list[tuple[int, MalformedMessage]]]:
     """decode_columns for a run whose messages have parts of the same lengths, stacked
     as ``rows``, an (n, bytes) uint8 array: channel i's value is in the columns
@@ -693,7 +701,8 @@ def decode_uniform_columns(
                                   _as_timestamps(spec, stamps), _as_values(spec, values)))
         else:
             columns.append(_decode_column(
-                spec, list(map(memoryview, values)), list(map(memoryview, stamps)), errors))
+                spec, list(map(memoryview, values)), list(map(memoryview, stamps)), errors,
+                chunks_checked))
     return columns, errors
 
 
@@ -702,6 +711,7 @@ def _decode_column(
     value_parts: list[Buffer],
     stamp_parts: list[Buffer],
     errors: list[tuple[int, MalformedMessage]],
+    chunks_checked: bool = False,
 ) -> Column:
     present = np.fromiter(map(len, value_parts), np.int64, len(value_parts)) > 0
     bad_rows: list[int] = []
@@ -712,7 +722,10 @@ def _decode_column(
                 "timestamp_size", f"{spec.name}: {len(stamp)}-byte timestamp")))
     present[bad_rows] = False
     if is_direct_chunk(spec):
-        values, chunked = _checked_chunks(spec, value_parts, present, errors), True
+        values = [part if present[row] else None for row, part in enumerate(value_parts)]
+        if not chunks_checked:
+            _leave_out_corrupt_chunks(spec, values, present, errors)
+        chunked = True
     elif spec.compression == "none" and spec.type != "string" and _all_sized(
             spec, value_parts, present):
         values, chunked = _joined_array(spec, value_parts, present), False
@@ -776,27 +789,44 @@ def _decoded_one_by_one(
     return values
 
 
-def _checked_chunks(
-    spec: ChannelSpec, parts: list[Buffer], present: np.ndarray,
-    errors: list[tuple[int, MalformedMessage]],
-) -> list:
-    """The values, checked to decompress exactly: bitshuffle's decoder (HDF5's filter)
-    trusts the block sizes in a chunk, so a corrupt chunk could crash whoever reads it."""
-    chunks: list = [None] * len(parts)
-    itemsize = wire_dtype(spec).itemsize
+def corrupt_chunks(
+    header: DataHeader, frames: Sequence[Buffer]
+) -> list[tuple[int, MalformedMessage]]:
+    """(channel index, error) of each image of a message, stored as an HDF5 chunk (see
+    is_direct_chunk), that does not decompress exactly: bitshuffle's decoder (HDF5's
+    filter) trusts the block sizes in a chunk, so a corrupt one could crash whoever
+    reads the file. The message must have passed check_structure."""
+    bad = []
+    for index in header.chunk_channels:
+        error = _chunk_error(header.channels[index], frames[2 + 2 * index])
+        if error is not None:
+            bad.append((index, error))
+    return bad
+
+
+def _leave_out_corrupt_chunks(spec: ChannelSpec, chunks: list, present: np.ndarray,
+                              errors: list[tuple[int, MalformedMessage]]) -> None:
     for row in np.flatnonzero(present):
-        view = memoryview(parts[row])
-        try:
-            _, count, block = _bslz4_layout(view, itemsize, value_nbytes(spec), MAX_VALUE_BYTES)
-            # One walk: nothing is allocated here that the layout check would protect.
-            for _ in _bslz4_decompressed_blocks(view, _bslz4_spans(view, count, block, itemsize)):
-                pass
-        except MalformedMessage as exc:
-            present[row] = False
-            errors.append((int(row), MalformedMessage(exc.kind, f"{spec.name}: {exc.detail}")))
-            continue
-        chunks[row] = parts[row]
-    return chunks
+        error = _chunk_error(spec, chunks[row])
+        if error is not None:
+            present[row], chunks[row] = False, None
+            errors.append((int(row), error))
+
+
+def _chunk_error(spec: ChannelSpec, part: Buffer) -> MalformedMessage | None:
+    """Why an image value cannot be a chunk; None for a good one or no value."""
+    view = memoryview(part)
+    if not len(view):
+        return None
+    itemsize = wire_dtype(spec).itemsize
+    try:
+        _, count, block = _bslz4_layout(view, itemsize, value_nbytes(spec), MAX_VALUE_BYTES)
+        # One walk: nothing is allocated here that the layout check would protect.
+        for _ in _bslz4_decompressed_blocks(view, _bslz4_spans(view, count, block, itemsize)):
+            pass
+    except MalformedMessage as exc:
+        return MalformedMessage(exc.kind, f"{spec.name}: {exc.detail}")
+    return None
 
 
 def _decode_payload(spec: ChannelSpec, part: Buffer) -> np.ndarray | str:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import zmq
 
-from .protocol import HeaderCache, MalformedMessage, check_structure, parse_main_header
+from .protocol import (HeaderCache, MalformedMessage, check_structure, corrupt_chunks,
+                       parse_main_header)
 from .ring import RawMessage, RingBuffer
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,11 @@ class Receiver(threading.Thread):
         main = parse_main_header(frames[0])
         header = self._headers.get(main, frames[1])
         check_structure(header, frames)
+        # Checked here, once: a corrupt image is counted as it arrives, and the ring
+        # holds the message without it (absent), so no file can get it.
+        for index, error in corrupt_chunks(header, frames):
+            self._malformed.report(error, main.pulse_id)
+            frames = [*frames[:2 + 2 * index], b"", b"", *frames[4 + 2 * index:]]
         return RawMessage.pack(main.pulse_id, main.global_timestamp_ns, header, frames)
 
 

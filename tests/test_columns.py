@@ -13,7 +13,9 @@ import pytest
 from sfbw_ioc.protocol import (ChannelSpec, HeaderCache, decode_columns,
                                decode_uniform_columns, decode_values, encode_message,
                                is_direct_chunk, parse_main_header)
-from sfbw_ioc.ring import RawMessage, stack_uniform
+from harness import BsreadSource, poll
+from sfbw_ioc.receiver import MalformedCounter, Receiver
+from sfbw_ioc.ring import RawMessage, RingBuffer, stack_uniform
 from sfbw_ioc.writer import FileWriter, _WriteBehind
 from vectors import CASES, load_case
 
@@ -364,3 +366,36 @@ def test_images_are_checked_block_by_block(edit, kind):
         values, row_errors = decode_values(header, messages[row])
         assert row_errors == [] and np.array_equal(values[0].value, sent[row])
     assert [e.kind for e in decode_values(header, messages[1])[1]] == [kind]
+
+
+def test_the_receiver_checks_images_on_arrival():
+    """A corrupt image is counted when it arrives and kept out of the ring (the message
+    stays, with the image absent): no acquisition can write it, none checks it again."""
+    image = ChannelSpec("CAM:IMG", "uint16", (48, 64), compression="bitshuffle_lz4")
+    scalar = ChannelSpec("CAM:GAIN", "float64", ())
+    rng = np.random.default_rng(3)
+    images = [rng.normal(1000, 30, image.shape).astype(np.uint16) for _ in range(3)]
+    messages = [encode_message(PULSE0 + row, 0, [(image, images[row], 5),
+                                                 (scalar, np.float64(row), 5)])
+                for row in range(3)]
+    body = bytearray(messages[1][2])
+    body[20:40] = b"\xff" * 20  # inside the first LZ4 block
+    messages[1][2] = bytes(body)
+    source, ring, malformed = BsreadSource(), RingBuffer(100, 1 << 30), MalformedCounter()
+    receiver = Receiver(source.address, ring, malformed)
+    receiver.start()
+    try:
+        for frames in messages:
+            source.send_frames(frames)
+        poll(lambda: ring.next_seq == 3, timeout=10, what="three messages in the ring")
+    finally:
+        receiver.stop()
+        source.close()
+    assert malformed.by_kind() == {"compression": 1}
+    stored = ring.read(0, 3).messages
+    assert [bytes(m.frames[2]) for m in stored] == [messages[0][2], b"", messages[2][2]]
+    assert [bytes(m.frames[4]) for m in stored] == [frames[4] for frames in messages]
+    columns, errors = decode_columns(stored[0].header, [m.frames for m in stored],
+                                     chunks_checked=True)
+    assert errors == [] and columns[0].present.tolist() == [True, False, True]
+    assert columns[1].values.tolist() == [0.0, 1.0, 2.0]

@@ -52,6 +52,7 @@ from sfbw_ioc.protocol import (
     HeaderCache,
     MalformedMessage,
     check_structure,
+    corrupt_chunks,
     decode_values,
     encode_message,
     parse_data_header,
@@ -592,6 +593,8 @@ def pure_case(case: Case) -> MalformedMessage | DataHeader:
     verdict = receiver_verdict(parts, HeaderCache())
     if isinstance(verdict, DataHeader):
         values, errors = check_decoded(verdict, parts)
+        corrupt = corrupt_chunks(verdict, parts)  # never raises
+        assert all(error.kind in KINDS for _, error in corrupt)
         if not case.mutations:
             assert_round_trip(case, verdict, values, errors)
     else:
@@ -716,6 +719,10 @@ def test_receiver_survives_fuzzed_stream(batch: list[Case]) -> None:
             assert not good, verdict
             rejected[verdict.kind] += 1
         else:
+            # Images that do not decompress are counted, and stored absent.
+            for index, error in corrupt_chunks(verdict, parts):
+                rejected[error.kind] += 1
+                parts = [*parts[:2 + 2 * index], b"", b"", *parts[4 + 2 * index:]]
             accepted.append(as_stored(parse_main_header(parts[0]).pulse_id, verdict, parts))
     last = accepted[-1]
 
