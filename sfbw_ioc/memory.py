@@ -5,9 +5,10 @@ A ring of camera images allocates and frees one large block per message (two: Ze
 and the ring's). Served with mmap, every block is fresh memory that the kernel zeroes
 and faults in page by page (23 % of the IOC's samples in ``clear_page``; the camera
 benchmark with a full ring ran at 650 frames/s, 1445 from the heap). Served from the
-heap, an evicted image's block is reused by the next one, already in memory. The heap keeps what it freed, though (after a flood of 1 MiB images
-through a 200 MiB ring: 584 MiB instead of ~270 MiB), so a thread trims it periodically:
-while a stream runs, little is free at any moment and trimming costs nothing.
+heap, an evicted image's block is reused by the next one, already in memory. The heap
+keeps what it freed, though (after a flood of 1 MiB images through a 200 MiB ring:
+584 MiB instead of ~270 MiB), so a thread trims it periodically: while a stream runs,
+little is free at any moment and trimming costs nothing.
 """
 from __future__ import annotations
 
@@ -38,8 +39,9 @@ def tune_allocator() -> bool:
     libc = _glibc()
     if libc is None:
         return False
-    # Fixed values: glibc's own dynamic threshold starts at 128 KiB and trims the heap
-    # top on every free above 128 KiB, which would return and refetch images.
+    # Fixed values: glibc's dynamic ones serve images with mmap until the first is freed,
+    # and trim the heap's top on a free once it holds twice an image, which would return
+    # and refetch images all the time.
     ok = (libc.mallopt(_M_MMAP_THRESHOLD, LARGEST_HEAP_BLOCK) == 1
           and libc.mallopt(_M_TRIM_THRESHOLD, 2 * LARGEST_HEAP_BLOCK) == 1)
     if not ok:
