@@ -345,11 +345,10 @@ class _Channel:
             present[rows] = column.present
             timestamps[rows] = column.timestamps
 
+        # A new channel's earlier rows are absent: writing from ``start`` grows its
+        # datasets over them, which read back as zeros.
         for key, rows in (("is_data_present", present), ("timestamp", timestamps)):
-            dataset = self._row_datasets[key]
-            if dataset.length < start:  # a new channel: earlier rows are absent
-                dataset.resize(start)
-            dataset.write(start, rows)
+            self._row_datasets[key].write(start, rows)
 
         if self.definition is not None:
             self._write_data(end)
