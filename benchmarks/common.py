@@ -52,6 +52,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
 
 
+def machine_busy_seconds() -> float:
+    """CPU time all CPUs of the machine have spent not idle so far (/proc/stat)."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    idle, iowait = fields[3], fields[4]
+    return (sum(fields[:8]) - idle - iowait) / _CLK_TCK
+
+
 class CpuMeter:
     """CPU % of one core used by ``pid`` between ``start()`` and ``stop()``."""
 
