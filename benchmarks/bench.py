@@ -93,8 +93,7 @@ class ScalarMessages:
     """bsread messages of ``count`` float64 scalars, value = pulse_id + channel / 1000.
 
     ``frames(p)`` encodes with sfbw_ioc.protocol.Encoder (the reference format);
-    ``fast_frames(p)`` reuses the value parts of a block of pre-encoded pulses and builds
-    only the main header (bsread spec: htype, hash, pulse_id, global_timestamp), for
+    ``fast_frames(p)`` comes from a block of ``block`` such pulses (PreEncoded), for
     senders that must outrun the IOC.
     """
 
