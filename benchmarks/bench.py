@@ -14,7 +14,6 @@ Exit status 1 when a scenario failed (lost messages, wrong rows, an IOC error).
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import shutil
@@ -33,7 +32,7 @@ import numpy as np
 import zmq
 
 from common import MiB, CpuMeter, Ioc, ca_setup, machine_busy_seconds, poll
-from harness import BsreadSource
+from harness import BsreadSource, PreEncoded
 
 from sfbw_ioc.protocol import ChannelSpec, Encoder
 
@@ -70,23 +69,6 @@ def timestamp_ns(pulse_id: int) -> int:
 def scalar_specs(count: int, prefix: str = "BENCH:S") -> list[ChannelSpec]:
     width = len(str(count - 1))
     return [ChannelSpec(f"{prefix}{i:0{width}d}", "float64", ()) for i in range(count)]
-
-
-class PreEncoded:
-    """Messages of a few pre-encoded pulses (pulse p reuses the parts of pulse p % len),
-    with only the main header built per pulse (bsread spec: htype, hash, pulse_id,
-    global_timestamp): a sender that must outrun the IOC spends ~nothing per message, and
-    a long stream of camera frames holds only the few distinct images in memory."""
-
-    def __init__(self, messages: list[list[bytes]]) -> None:
-        self._messages = messages
-        self._hash = json.loads(messages[0][0])["hash"]
-
-    def frames(self, pulse_id: int) -> list[bytes]:
-        sec, ns = divmod(timestamp_ns(pulse_id), 1_000_000_000)
-        main = json.dumps({"htype": "bsr_m-1.1", "hash": self._hash, "pulse_id": pulse_id,
-                           "global_timestamp": {"sec": sec, "ns": ns}}).encode()
-        return [main, *self._messages[pulse_id % len(self._messages)][1:]]
 
 
 class ScalarMessages:

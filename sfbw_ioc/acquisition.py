@@ -321,9 +321,10 @@ class AcquisitionController:
         self._flush_if_due(acquisition)
 
     def _gathering(self, acquisition: _Acquisition) -> bool:
-        """Wait for more messages while a batch is short and young; never once the end
-        of the range is in the ring, where closing the file quickly matters more (the
-        wait ends when the stop pulse arrives)."""
+        """Wait for more messages while a batch is short and young: short in messages and
+        in bytes (a paced stream of large images fills a batch's bytes long before its
+        count), and never once the end of the range is in the ring, where closing the file
+        quickly matters more (the wait ends when the stop pulse arrives)."""
         with self._lock:
             stop_pulse_id, stop_seq = acquisition.stop_pulse_id, acquisition.stop_seq
         ring = self._ring.stats()
@@ -332,9 +333,11 @@ class AcquisitionController:
         ending = stop_seq is not None or (
             stop_pulse_id is not None and ring.newest_pulse_id is not None
             and ring.newest_pulse_id >= stop_pulse_id)
-        if ending or waiting == 0 or waiting >= _BATCH or age >= _GATHER_S:
+        if (ending or waiting == 0 or waiting >= _BATCH or age >= _GATHER_S
+                or self._ring.bytes_from(acquisition.cursor) >= _BATCH_BYTES):
             return False
-        self._ring.wait_for(acquisition.cursor + _BATCH - 1, _GATHER_S - age, stop_pulse_id)
+        self._ring.wait_for_batch(acquisition.cursor, _BATCH, _BATCH_BYTES, _GATHER_S - age,
+                                  stop_pulse_id)
         return True
 
     def _write_batch(self, acquisition: _Acquisition, messages: list[RawMessage]) -> str | None:
@@ -357,6 +360,11 @@ class AcquisitionController:
             acquisition.clock_time = time.monotonic()
             if acquisition.start_pulse_id is None or message.pulse_id >= acquisition.start_pulse_id:
                 selected.append(message)
+            # The stop pulse itself completes the range: waiting for the next message
+            # would hold the file open for a whole period of a slow stream.
+            if message.pulse_id == stop_pulse_id:
+                done = f"reached the stop pulse {stop_pulse_id}"
+                break
         for run in _runs_of_one_header(selected):
             self._append(acquisition, run)
         if done is None and stop_seq is not None and acquisition.cursor > stop_seq:

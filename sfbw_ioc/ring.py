@@ -108,6 +108,10 @@ class RingBuffer:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self._slots: list[RawMessage | None] = [None] * max_messages
+        # Bytes appended since start, as of the end of each slot's message: what waits
+        # behind a reader's cursor is one subtraction, however many messages it is.
+        self._appended_after: list[int] = [0] * max_messages
+        self._appended = 0
         self._oldest_seq = 0
         self._next_seq = 0
         self._nbytes = 0
@@ -130,6 +134,8 @@ class RingBuffer:
                 ):
                     self._evict_oldest()
                 self._slots[self._next_seq % self.max_messages] = message
+                self._appended += message.nbytes
+                self._appended_after[self._next_seq % self.max_messages] = self._appended
                 self._next_seq += 1
                 self._nbytes += message.nbytes
             self._cond.notify_all()
@@ -175,11 +181,26 @@ class RingBuffer:
         """Block until a message with ``seq`` was appended, or (if given) one with a pulse
         id of at least ``pulse_id``, or ``timeout`` seconds pass. True unless timed out."""
         def arrived() -> bool:
-            return self._next_seq > seq or (
-                pulse_id is not None and self._count() > 0
-                and self._slot(self._next_seq - 1).pulse_id >= pulse_id)
+            return self._next_seq > seq or self._pulse_id_arrived(pulse_id)
         with self._cond:
             return self._cond.wait_for(arrived, timeout)
+
+    def wait_for_batch(self, from_seq: int, count: int, nbytes: int, timeout: float,
+                       pulse_id: int | None = None) -> bool:
+        """Block until ``count`` messages or ``nbytes`` bytes wait from ``from_seq`` on,
+        or (if given) a message with a pulse id of at least ``pulse_id`` arrived, or
+        ``timeout`` seconds pass. True unless timed out."""
+        def ready() -> bool:
+            return (self._next_seq - from_seq >= count
+                    or self._bytes_from(from_seq) >= nbytes
+                    or self._pulse_id_arrived(pulse_id))
+        with self._cond:
+            return self._cond.wait_for(ready, timeout)
+
+    def bytes_from(self, from_seq: int) -> int:
+        """Bytes of the messages held from ``from_seq`` (or the oldest held) on."""
+        with self._cond:
+            return self._bytes_from(from_seq)
 
     def wake_readers(self) -> None:
         """Wake threads blocked in ``wait_for`` so they can look at new commands."""
@@ -211,6 +232,19 @@ class RingBuffer:
 
     def _count(self) -> int:
         return self._next_seq - self._oldest_seq
+
+    def _bytes_from(self, from_seq: int) -> int:
+        first = max(from_seq, self._oldest_seq)
+        if first >= self._next_seq:
+            return 0
+        if first == self._oldest_seq:
+            return self._nbytes
+        # first - 1 is still held: its end is where the waiting bytes begin.
+        return self._appended - self._appended_after[(first - 1) % self.max_messages]
+
+    def _pulse_id_arrived(self, pulse_id: int | None) -> bool:
+        return (pulse_id is not None and self._count() > 0
+                and self._slot(self._next_seq - 1).pulse_id >= pulse_id)
 
     def _slot(self, seq: int) -> RawMessage:
         message = self._slots[seq % self.max_messages]

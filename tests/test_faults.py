@@ -22,10 +22,9 @@ import epics
 import h5py
 import numpy as np
 import pytest
-import zmq
 
-from harness import (CHANNELS, REPO, BsreadSource, IocProcess, assert_rows, assert_value,
-                     caput_binary, free_port, ioc_environment, poll, timestamp_for,
+from harness import (CHANNELS, REPO, BsreadSource, IocProcess, PacedSender, assert_rows,
+                     assert_value, caput_binary, free_port, ioc_environment, poll, timestamp_for,
                      unique_prefix, value_for)
 from sfbw_ioc.protocol import ChannelSpec, encode_message
 from sfbw_ioc.caprobe import ProbeFailed, read_pv
@@ -80,35 +79,6 @@ def assert_acquisition_works(ioc: IocProcess, source: BsreadSource, root: Path, 
     source.send_range(first, first + rows)
     ioc.put("STOP_PULSE_ID", first + rows - 1)
     assert_rows(root / name, list(range(first, first + rows)))
-
-
-class PacedSender(threading.Thread):
-    """Sends consecutive pulse ids at ``rate_hz`` until stopped; ``sent`` in order."""
-
-    def __init__(self, source: BsreadSource, first: int, rate_hz: float = 200.0,
-                 channels=CHANNELS) -> None:
-        super().__init__(daemon=True)
-        self.source, self.next_pulse_id, self.period = source, first, 1.0 / rate_hz
-        self.channels = channels
-        self.sent: list[int] = []
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        due = time.monotonic()
-        while not self.halt.is_set():
-            try:
-                self.source.send(self.next_pulse_id, channels=self.channels)
-            except zmq.Again:  # no receiver for SNDTIMEO (the IOC was killed): done
-                return
-            self.sent.append(self.next_pulse_id)
-            self.next_pulse_id += 1
-            due += self.period
-            self.halt.wait(max(0.0, due - time.monotonic()))  # pacing, not synchronisation
-
-    def finish(self) -> list[int]:
-        self.halt.set()
-        self.join(10)
-        return list(self.sent)
 
 
 # ---- 1. SIGTERM --------------------------------------------------------------------------

@@ -129,3 +129,34 @@ def test_a_message_keeps_its_parts_but_not_the_shared_data_header():
 def test_rejects_a_ring_without_room():
     with pytest.raises(ValueError):
         RingBuffer(0, 100)
+
+
+def test_bytes_waiting_from_a_cursor_count_only_messages_still_held():
+    ring = RingBuffer(4, 10**6)
+    for pulse_id, nbytes in zip(range(6), (10, 20, 30, 40, 50, 60)):
+        ring.append(message(pulse_id, nbytes))  # seqs 0 and 1 are evicted by count
+    each = [packed.nbytes for packed in ring.read(0, 10).messages]
+    assert ring.bytes_from(0) == ring.bytes_from(2) == sum(each) == ring.stats().nbytes
+    assert ring.bytes_from(4) == each[2] + each[3]
+    assert ring.bytes_from(5) == each[3]
+    assert ring.bytes_from(6) == 0
+
+
+def test_wait_for_batch_wakes_on_bytes_before_the_count():
+    ring = RingBuffer(100, 10**6)
+    woke = threading.Event()
+
+    def reader():  # 50 messages or 250 bytes from seq 0 on
+        if ring.wait_for_batch(0, 50, 250, timeout=10):
+            woke.set()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    ring.append(message(1, nbytes=100))
+    assert not woke.wait(0.05)  # 100 bytes are not yet a batch
+    ring.append(message(2, nbytes=200))
+    thread.join(10)
+    assert woke.is_set()
+    assert ring.wait_for_batch(0, 50, 10**6, timeout=0.01) is False
+    assert ring.wait_for_batch(0, 2, 10**6, timeout=0.01) is True
+    assert ring.wait_for_batch(5, 50, 10**6, timeout=0.01, pulse_id=2) is True

@@ -1,0 +1,144 @@
+"""Paced streams of large messages, as a camera sends them: the writer keeps up with the
+stream (never more than ~1 s behind), a STOP completes within a second of the stop pulse,
+and a killed IOC loses at most about a second of what had arrived."""
+from __future__ import annotations
+
+import itertools
+import signal
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from harness import (BsreadSource, IocProcess, PacedSender, PreEncoded, poll, timestamp_for,
+                     unique_prefix)
+from sfbw_ioc.protocol import ChannelSpec, encode_message
+
+_bases = itertools.count(30_000_000_000, 100_000)
+# WRITTEN is published twice a second: a reading can be that much older than the file.
+_PUBLISH_PERIOD_S = 0.5
+
+
+class Camera:
+    """Incompressible uint16 frames with bitshuffle_lz4 (the worst case for the disk),
+    a few distinct ones encoded once and cycled by pulse id."""
+
+    def __init__(self, shape: tuple[int, ...], distinct: int = 4) -> None:
+        self.spec = ChannelSpec("PACED:FRAME", "uint16", shape, compression="bitshuffle_lz4")
+        rng = np.random.default_rng(7)
+        self.images = [rng.integers(0, 65535, shape, dtype=np.uint16) for _ in range(distinct)]
+        self._encoded = PreEncoded([
+            encode_message(p, timestamp_for(p), [(self.spec, image, timestamp_for(p))])
+            for p, image in enumerate(self.images)])
+
+    def frames(self, pulse_id: int) -> list[bytes]:
+        return self._encoded.frames(pulse_id)
+
+    def image_for(self, pulse_id: int) -> np.ndarray:
+        return self.images[pulse_id % len(self.images)]
+
+
+@pytest.fixture(scope="module")
+def source():
+    source = BsreadSource()
+    yield source
+    source.close()
+
+
+@pytest.fixture(scope="module")
+def ioc(tmp_path_factory, ca_ports, source):
+    root = tmp_path_factory.mktemp("paced")
+    ioc = IocProcess(ca_ports(), unique_prefix("PACED"),
+                     ["--stream", source.address, "--output-root", str(root)],
+                     tmp_path_factory.mktemp("log") / "ioc.log")
+    ioc.root = root
+    yield ioc
+    assert ioc.stop() == 0, ioc.log()
+
+
+def writer_lag(ioc: IocProcess, sender: PacedSender, first_index: int) -> float:
+    """Seconds since the oldest message of the acquisition that WRITTEN does not count
+    yet was sent (0 when all are written)."""
+    written = int(ioc.get("WRITTEN"))
+    now = time.monotonic()
+    sent_at = list(sender.sent_at)
+    index = first_index + written
+    return now - sent_at[index] if index < len(sent_at) else 0.0
+
+
+def max_lag_while_sending(ioc: IocProcess, sender: PacedSender, first_index: int) -> float:
+    worst, sampling = 0.0, threading.Event()
+    while sender.is_alive():
+        worst = max(worst, writer_lag(ioc, sender, first_index))
+        sampling.wait(0.1)  # a sampling period, not synchronisation
+    return worst
+
+
+def assert_frames(path: Path, camera: Camera, pulse_ids: list[int]) -> None:
+    with h5py.File(path, "r") as f:
+        group = f["data"][camera.spec.name]
+        assert group["pulse_id"][:].tolist() == pulse_ids
+        assert group["is_data_present"][:].all()
+        data = group["data"]
+        for row in (0, len(pulse_ids) // 2, len(pulse_ids) - 1):
+            assert np.array_equal(data[row], camera.image_for(pulse_ids[row]))
+
+
+def test_the_writer_keeps_up_with_a_10_hz_stream_of_2_mib_frames(ioc, source):
+    """Before, a batch was gathered for 0.5 s while fewer than 256 messages waited, and
+    held at most 8 MiB: 4 frames per 0.6 s, 8 s behind after 20 s of this stream."""
+    camera, base = Camera((1024, 1024)), next(_bases)
+    ioc.put("OUTPUT_FILE", "camera_10hz.h5")
+    ioc.put("START_PULSE_ID", base)
+    sender = PacedSender(source, base, rate_hz=10, frames=camera.frames, count=60)
+    sender.start()
+    lag = max_lag_while_sending(ioc, sender, 0)
+    ioc.put("STOP_PULSE_ID", base + 59)
+    assert lag <= 1.0 + _PUBLISH_PERIOD_S, f"writer {lag:.2f} s behind the stream"
+    assert ioc.get("LOST") == 0 and ioc.get("WRITTEN") == 60
+    assert_frames(ioc.root / "camera_10hz.h5", camera, list(range(base, base + 60)))
+
+
+def test_a_stop_on_a_100_hz_stream_of_240_kib_frames_completes_within_a_second(ioc, source):
+    camera, base = Camera((240, 512)), next(_bases)
+    sender = PacedSender(source, base, rate_hz=100, frames=camera.frames, count=400)
+    sender.start()
+    poll(lambda: ioc.get("LAST_PULSE_ID") >= base + 50, what="50 frames in the buffer")
+    ioc.put("OUTPUT_FILE", "camera_100hz.h5")
+    ioc.put("START_PULSE_ID", base + 10)  # in the past
+    ioc.wait_for("STATE", 2)
+    stop = sender.next_pulse_id + 100  # about a second ahead
+    ioc.put("STOP_PULSE_ID", stop)  # put-with-callback: returns when the file is closed
+    closed = time.monotonic()
+    stop_sent = sender.sent_at[stop - base]
+    sender.finish()
+    assert closed - stop_sent <= 1.0, f"file closed {closed - stop_sent:.2f} s after the stop"
+    assert ioc.get("LOST") == 0
+    assert_frames(ioc.root / "camera_100hz.h5", camera, list(range(base + 10, stop + 1)))
+
+
+def test_a_killed_ioc_loses_at_most_about_a_second_of_a_paced_stream(tmp_path, ca_ports):
+    camera, base, source = Camera((240, 512)), next(_bases), BsreadSource()
+    ioc = IocProcess(ca_ports(), unique_prefix("PACEDKILL"),
+                     ["--stream", source.address, "--output-root", str(tmp_path)],
+                     tmp_path / "ioc.log")
+    sender = PacedSender(source, base, rate_hz=100, frames=camera.frames)
+    try:
+        ioc.put("OUTPUT_FILE", "killed.h5")
+        ioc.put("START_PULSE_ID", base)
+        sender.start()
+        poll(lambda: ioc.get("WRITTEN") >= 300, timeout=20, what="3 s written")
+        # The sender ends first (a send to a killed receiver would block it), the kill
+        # follows within a millisecond: the IOC still has the stream's backlog.
+        arrived = len(sender.finish())
+        ioc.stop(signal.SIGKILL)
+    finally:
+        source.close()
+    with h5py.File(tmp_path / "killed.h5.partial", "r") as f:
+        rows = f["data"][camera.spec.name]["pulse_id"][:].tolist()
+    assert rows == list(range(base, base + len(rows)))
+    # About a second: the flush interval, plus what waits for the writer (≤ 0.5 s).
+    assert arrived - len(rows) <= 150, f"{arrived} arrived, {len(rows)} in the file"
