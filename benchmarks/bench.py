@@ -34,7 +34,7 @@ import zmq
 from common import MiB, CpuMeter, Ioc, ca_setup, machine_busy_seconds, poll
 from harness import BsreadSource, PreEncoded
 
-from sfbw_ioc.protocol import ChannelSpec, Encoder
+from sfbw_ioc.bsread import ChannelSpec, Encoder
 
 BASE_PULSE_ID = 20_000_000_000  # above 2**31, like SwissFEL's
 PERIOD_NS = 10_000_000
@@ -74,7 +74,7 @@ def scalar_specs(count: int, prefix: str = "BENCH:S") -> list[ChannelSpec]:
 class ScalarMessages:
     """bsread messages of ``count`` float64 scalars, value = pulse_id + channel / 1000.
 
-    ``frames(p)`` encodes with sfbw_ioc.protocol.Encoder (the reference format);
+    ``frames(p)`` encodes with sfbw_ioc.bsread.Encoder (the reference format);
     ``fast_frames(p)`` comes from a block of ``block`` such pulses (PreEncoded), for
     senders that must outrun the IOC.
     """

@@ -2,7 +2,7 @@
 
 Data path, one module per step:
     receiver (ZeroMQ socket) -> ring (raw frames) -> acquisition (pulse range)
-    -> writer (HDF5 file); protocol is the bsread codec; ioc is the PV layer.
+    -> writer (HDF5 file); bsread is the codec (a package); ioc is the PV layer.
 """
 
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from .protocol import Column, MalformedMessage, decode_columns, decode_uniform_columns
+from .bsread import Column, MalformedMessage, decode_columns, decode_uniform_columns
 from .receiver import MalformedCounter
 from .ring import RawMessage, RingBuffer, stack_uniform, typical_step
 from .writer import FileWriter

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from .protocol import (HeaderCache, MalformedMessage, check_structure, corrupt_chunks,
+from .bsread import (HeaderCache, MalformedMessage, check_structure, corrupt_chunks,
                        parse_main_header)
 from .ring import RawMessage, RingBuffer
 

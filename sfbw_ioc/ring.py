@@ -15,13 +15,13 @@ from typing import Sequence
 
 import numpy as np
 
-from .protocol import Buffer, DataHeader
+from .bsread import Buffer, DataHeader
 
 
 @dataclass(frozen=True, slots=True)
 class RawMessage:
     """One message as it came off the socket, plus what the receiver already parsed. An
-    image that failed the receiver's check (``protocol.corrupt_chunks``) is stored absent.
+    image that failed the receiver's check (``bsread.corrupt_chunks``) is stored absent.
 
     The parts are kept back to back in one bytes object: a small message in 42 separate
     bytes objects would cost the ring twice its size. The data-header part is not kept:

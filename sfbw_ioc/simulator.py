@@ -18,7 +18,7 @@ import time
 import numpy as np
 import zmq
 
-from .protocol import ChannelSpec, Encoder
+from .bsread import ChannelSpec, Encoder
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ import h5py
 import hdf5plugin  # registers the bitshuffle filter with HDF5
 import numpy as np
 
-from sfbw_ioc.protocol import BSREAD_TYPES, ChannelSpec, ChannelValue, Column
+from sfbw_ioc.bsread import BSREAD_TYPES, ChannelSpec, ChannelValue, Column
 
 log = logging.getLogger(__name__)
 

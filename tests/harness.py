@@ -21,7 +21,7 @@ import hdf5plugin  # noqa: F401  (registers the bitshuffle filter for reading im
 import numpy as np
 import zmq
 
-from sfbw_ioc.protocol import ChannelSpec, encode_message
+from sfbw_ioc.bsread import ChannelSpec, encode_message
 
 REPO = Path(__file__).resolve().parent.parent
 CA_PORT_POOL_SIZE = 16

@@ -10,7 +10,7 @@ import hdf5plugin  # noqa: F401  (bitshuffle filter for reading)
 import numpy as np
 import pytest
 
-from sfbw_ioc.protocol import (ChannelSpec, HeaderCache, decode_columns,
+from sfbw_ioc.bsread import (ChannelSpec, HeaderCache, decode_columns,
                                decode_uniform_columns, decode_values, encode_message,
                                is_direct_chunk, parse_main_header)
 from harness import BsreadSource, poll

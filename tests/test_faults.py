@@ -26,7 +26,7 @@ import pytest
 from harness import (CHANNELS, REPO, BsreadSource, IocProcess, PacedSender, assert_rows,
                      assert_value, caput_binary, free_port, ioc_environment, poll, timestamp_for,
                      unique_prefix, value_for)
-from sfbw_ioc.protocol import ChannelSpec, encode_message
+from sfbw_ioc.bsread import ChannelSpec, encode_message
 from sfbw_ioc.caprobe import ProbeFailed, read_pv
 from sfbw_ioc.memory import TRIM_INTERVAL_S
 from sfbw_ioc.watchdog import Watchdog
@@ -280,7 +280,7 @@ def test_unwritable_output_directory_is_refused_at_start(iocs, tmp_path):
 SENDER = r"""
 import sys, threading, zmq
 from harness import CHANNELS, timestamp_for, value_for
-from sfbw_ioc.protocol import encode_message
+from sfbw_ioc.bsread import encode_message
 port, first, last = (int(arg) for arg in sys.argv[1:4])
 socket = zmq.Context.instance().socket(zmq.PUSH)
 socket.bind(f"tcp://127.0.0.1:{port}")

@@ -43,7 +43,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from harness import CHANNELS, BsreadSource, poll, timestamp_for, value_for
-from sfbw_ioc.protocol import (
+from sfbw_ioc.bsread import (
     BSREAD_TYPES,
     COMPRESSIONS,
     ENCODINGS,
@@ -68,7 +68,7 @@ LONG = N_EXAMPLES > 0
 
 MiB = 1 << 20
 # What one case may allocate at its peak: the parsed JSON of a data header costs up to
-# ~25 times its text (a text that protocol.MAX_DATA_HEADER_BYTES bounds), every value is
+# ~25 times its text (a text that bsread.MAX_DATA_HEADER_BYTES bounds), every value is
 # held a few times (wire, decompressed, native order). A lying size must not add to it.
 MEMORY_BASE = 128 * MiB
 MEMORY_PER_MESSAGE_BYTE = 4

@@ -14,7 +14,7 @@ from caproto.sync import client as caproto_client
 
 from harness import (CHANNELS, EPICS_BIN, BsreadSource, IocProcess, assert_rows, caput_binary,
                      poll, timestamp_for, unique_prefix, value_for)
-from sfbw_ioc.protocol import ChannelSpec, encode_message
+from sfbw_ioc.bsread import ChannelSpec, encode_message
 
 _bases = itertools.count(10_000_000_000, 100_000)  # pulse ids above 2**31, rising per test
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sfbw_ioc.protocol import (
+from sfbw_ioc.bsread import (
     BSREAD_TYPES,
     COMPRESSIONS,
     ChannelSpec,

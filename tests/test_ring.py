@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from sfbw_ioc.protocol import DataHeader
+from sfbw_ioc.bsread import DataHeader
 from sfbw_ioc.ring import RawMessage, RingBuffer
 
 HEADER = DataHeader("0" * 32, ())

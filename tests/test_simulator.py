@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zmq
 
-from sfbw_ioc.protocol import HeaderCache, check_structure, decode_values, parse_main_header
+from sfbw_ioc.bsread import HeaderCache, check_structure, decode_values, parse_main_header
 from sfbw_ioc.simulator import CAMERA_EVERY, Simulator, pulse_time_ns, simulated_values
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from sfbw_ioc.protocol import BSREAD_TYPES, ChannelSpec, ChannelValue
+from sfbw_ioc.bsread import BSREAD_TYPES, ChannelSpec, ChannelValue
 from sfbw_ioc.writer import NOT_GIVEN, FileWriter
 
 PULSE0 = 10_000_000_000  # SwissFEL pulse ids are beyond 2**31
@@ -441,7 +441,7 @@ def run_child(script: str, *prefix: str) -> subprocess.CompletedProcess:
 
 FILL_UNTIL_FAILURE = """
     import numpy as np
-    from sfbw_ioc.protocol import ChannelSpec, ChannelValue
+    from sfbw_ioc.bsread import ChannelSpec, ChannelValue
     from sfbw_ioc.writer import FileWriter
 
     def fill_until_failure(target):
