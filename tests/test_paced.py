@@ -15,7 +15,7 @@ import pytest
 
 from harness import (BsreadSource, IocProcess, PacedSender, PreEncoded, poll, timestamp_for,
                      unique_prefix)
-from sfbw_ioc.protocol import ChannelSpec, encode_message
+from sfbw_ioc.bsread import ChannelSpec, encode_message
 
 _bases = itertools.count(30_000_000_000, 100_000)
 # WRITTEN is published twice a second: a reading can be that much older than the file.
