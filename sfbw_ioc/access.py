@@ -113,7 +113,7 @@ def apply(config: AccessConfig, pvdb: Mapping[str, object]) -> None:
     starts; it covers whatever the pvdb holds then (SubGroups' PVs included)."""
     counts = {CONTROL: 0, DEFAULT: 0}
     for pv in {id(pv): pv for pv in pvdb.values()}.values():
-        if isinstance(pv.check_access, _Guard):
+        if isinstance(pv.check_access, _Guard):  # a field caproto cached in the pvdb
             continue
         # A record's fields belong to its ASG, as in EPICS: a field such as .PROC acts
         # on the record (caproto's PROC writes the value again, running the putter).
