@@ -95,7 +95,8 @@ class _Guard:
     """A PV's ``check_access`` under the ACF: its own rights (a read-only PV stays
     read-only) narrowed by those of its ASG. caproto asks ``check_access`` when a client
     creates a channel (the rights it sends to the client) and again on every read and
-    write (``auth_read``/``auth_write``: a refused write never reaches the putter)."""
+    write (``auth_read``/``auth_write``: a refused write never reaches the putter), not
+    when a client subscribes."""
 
     def __init__(self, own, config: AccessConfig, asg: str) -> None:
         self._own = own
