@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 PROBE_PERIOD_S = 0.5
 _LOG_EVERY_S = 10.0
+# Who the probe says it is (an access security file must let it read STATE).
+PROBE_HOST = "localhost"
+PROBE_USER = "sfbw-caprobe"
 
 
 class ProbeFailed(Exception):
@@ -44,7 +47,7 @@ def read_pv(address: tuple[str, int], name: str, timeout: float,
         before_connect(sock.getsockname()[1])
         sock.connect(address)
         _send(sock, circuit, ca.VersionRequest(priority=0, version=ca.DEFAULT_PROTOCOL_VERSION),
-              ca.HostNameRequest("localhost"), ca.ClientNameRequest("sfbw-caprobe"),
+              ca.HostNameRequest(PROBE_HOST), ca.ClientNameRequest(PROBE_USER),
               channel.create())
         _receive(sock, circuit, deadline, ca.CreateChanResponse)
         _send(sock, circuit, channel.read())

@@ -17,16 +17,17 @@ from typing import Sequence  # noqa: E402
 
 import asyncio  # noqa: E402
 
+from caproto import AccessRights  # noqa: E402
 from caproto.asyncio.server import Context  # noqa: E402
 from caproto.server import template_arg_parser  # noqa: E402
 
-from . import epicsdb, memory  # noqa: E402
+from . import access, epicsdb, memory  # noqa: E402
 from .acquisition import AcquisitionController  # noqa: E402
 from .ioc import Backend, SfbwIOC  # noqa: E402
 from .receiver import MalformedCounter, Receiver  # noqa: E402
 from .ring import RingBuffer  # noqa: E402
 from .simulator import Simulator  # noqa: E402
-from .caprobe import CaProbe, probe_address  # noqa: E402
+from .caprobe import PROBE_HOST, PROBE_USER, CaProbe, probe_address  # noqa: E402
 from .watchdog import Watchdog  # noqa: E402
 
 log = logging.getLogger("sfbw_ioc")
@@ -93,6 +94,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, object]:
                              "for this long (the IOC reads its own STATE as a new client "
                              "twice a second), so that a supervisor restarts it "
                              "(0: off; default: 10)")
+    parser.add_argument("--access-security", type=Path, metavar="FILE",
+                        help="EPICS access security file (ACF): control PVs are in ASG "
+                             "CONTROL, all others in DEFAULT (default: everybody may "
+                             "write)")
     parser.add_argument("--write-db", type=Path, metavar="FILE",
                         help="write the PV list as an EPICS database file and exit")
     return parser, split
@@ -115,6 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         log.critical("cannot use the output root %s: %s", args.output_root, error)
         return 1
+    try:
+        access_config = _access_security(args)
+    except (OSError, ValueError) as error:
+        log.critical("cannot use the access security file %s: %s", args.access_security,
+                     error)
+        return 1
 
     simulator = None
     stream, mode = args.stream, args.mode
@@ -132,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     controller = AcquisitionController(ring, malformed, args.output_root, args.pulse_rate)
     backend = Backend(ring, receiver, malformed, controller, stream)
     ioc = SfbwIOC(backend=backend, **ioc_options)
+    if access_config is not None:
+        access.apply(access_config, ioc.pvdb)
 
     receiver.start()
     controller.start_thread()
@@ -185,6 +198,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             simulator.stop()
     log.info("IOC stopped" if status == 0 else "IOC stopped after a failure")
     return status
+
+
+def _access_security(args: argparse.Namespace) -> access.AccessConfig | None:
+    """The --access-security file, parsed (None without the option); ValueError when it
+    is invalid or would blind the watchdog, whose self-check must read STATE."""
+    if args.access_security is None:
+        return None
+    config = access.load(args.access_security)
+    if (args.watchdog_seconds
+            and AccessRights.READ not in config.rights(access.DEFAULT, PROBE_HOST, PROBE_USER)):
+        raise ValueError(f"it denies the watchdog's self-check (user {PROBE_USER} on host "
+                         f"{PROBE_HOST}) reading STATE, in ASG {access.DEFAULT}: allow it, "
+                         f"or give --watchdog-seconds 0")
+    return config
 
 
 def _stop_on_signals() -> threading.Event:

@@ -1,0 +1,315 @@
+"""EPICS access security (``--access-security FILE``): the ACF parser on good and bad
+texts, and the IOC as a subprocess with an ACF file, driven by the EPICS command-line
+tools running as two Unix users the test creates (one may write, one may not), by
+pyepics and by caproto's client."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import epics
+import pytest
+from caproto import AccessRights
+from caproto.sync import client as caproto_client
+
+from harness import EPICS_BIN, REPO, IocProcess, ca_client_environment, ioc_environment, \
+    unique_prefix
+from sfbw_ioc import access
+from sfbw_ioc.access import AccessConfigError, parse
+
+CA_TIMEOUT = "5"
+RW = AccessRights.READ | AccessRights.WRITE
+READ = AccessRights.READ
+NONE = AccessRights.NO_ACCESS
+
+
+# ---- the parser ------------------------------------------------------------------------
+
+GOOD = """\
+# operators write from the control room; everybody else reads
+UAG(operators) {alice, "bob smith"}
+UAG(guests)
+HAG(control_room) {CR-PC1, cr-pc2.psi.ch}
+ASG(DEFAULT) {
+    RULE(1, READ)
+}
+ASG(CONTROL) {
+    RULE(1, WRITE, TRAPWRITE) {
+        UAG(operators)
+        HAG(control_room)
+    }
+    RULE(0, NONE) { UAG(guests) }   # level 0: applies to ASL 0 (all PVs here)
+}
+ASG(UNUSED)
+"""
+
+
+def test_good_file_parses_into_groups_and_rules() -> None:
+    config = parse(GOOD)
+    assert config.uags == {"operators": {"alice", "bob smith"}, "guests": frozenset()}
+    assert config.hags == {"control_room": {"cr-pc1", "cr-pc2.psi.ch"}}
+    assert set(config.asgs) == {"DEFAULT", "CONTROL", "UNUSED"}
+    write, none = config.asgs["CONTROL"]
+    assert (write.level, write.access, write.trap_write, write.line) == (1, access.Access.WRITE,
+                                                                          True, 9)
+    assert (write.uags, write.hags) == (("operators",), ("control_room",))
+    assert (none.level, none.access, none.uags, none.hags) == (0, access.Access.NONE,
+                                                               ("guests",), ())
+
+
+def test_rights_follow_asLib() -> None:
+    config = parse(GOOD)
+    # UAG and HAG must both match; hosts compare case-insensitively, users exactly.
+    assert config.rights("CONTROL", "cr-pc1", "alice") == RW
+    assert config.rights("CONTROL", "Cr-Pc2.PSI.ch", "bob smith") == RW
+    assert config.rights("CONTROL", "office-pc", "alice") == READ  # no rule applies
+    assert config.rights("CONTROL", "cr-pc1", "Alice") == READ
+    assert config.rights("CONTROL", None, None) == READ
+    assert config.rights("DEFAULT", "cr-pc1", "alice") == READ
+    # An ASG the file does not define follows DEFAULT.
+    assert config.rights("ELSEWHERE", "cr-pc1", "alice") == READ
+    # A rule applies when the PV's level is at most the rule's.
+    assert config.rights("CONTROL", "cr-pc1", "alice", level=2) == READ
+
+
+def test_most_permissive_rule_wins_and_none_only_where_nothing_else_applies() -> None:
+    config = parse("UAG(ops) {alice}\nUAG(banned) {alice, eve}\n"
+                   "ASG(CONTROL) { RULE(1, NONE) { UAG(banned) } RULE(1, WRITE) { UAG(ops) } }")
+    assert config.rights("CONTROL", "h", "alice") == RW
+    assert config.rights("CONTROL", "h", "eve") == NONE
+    assert config.rights("CONTROL", "h", "mallory") == READ
+
+
+def test_rule_without_condition_applies_to_everybody() -> None:
+    config = parse('ASG(DEFAULT) {RULE(1,WRITE)} ASG("CONTROL") {RULE(0,READ,NOTRAPWRITE)}')
+    assert config.rights("DEFAULT", "any", "one") == RW
+    assert config.rights("CONTROL", "any", "one") == READ
+
+
+@pytest.mark.parametrize("text, line, reason", [
+    ("", 1, "no UAG, HAG or ASG"),
+    ("# only a comment\n", 2, "no UAG, HAG or ASG"),
+    ("UAG(a) {b\n", 2, "expected ','"),
+    ("UAG(a) {}\n", 1, "expected a name"),
+    ("ASG(X) {\n  RULE(1, WRITE) { UAG(nobody) }\n}", 2, "no UAG named 'nobody'"),
+    ("ASG(X) {\n  RULE(1, WRITE) {\n HAG(nowhere) } }", 3, "no HAG named 'nowhere'"),
+    ("ASG(X) {\n RULE(x, WRITE) }", 2, "level must be an integer"),
+    ("ASG(X) { RULE(-1, WRITE) }", 1, "level must be 0 or more"),
+    ("ASG(X) { RULE(1, write) }", 1, "must be NONE, READ or WRITE, not 'write'"),
+    ("ASG(X) { RULE(1, RPC) }", 1, "must be NONE, READ or WRITE"),
+    ("ASG(X) { RULE(1, WRITE, LOG) }", 1, "TRAPWRITE or NOTRAPWRITE"),
+    ("ASG(X) { RULE(1, WRITE) {} }", 1, "expected UAG or HAG"),
+    ('ASG(X) {\n\n INPA("SOME:PV") }', 3, "INPA is not supported"),
+    ('ASG(X) { RULE(1, WRITE) { CALC("A=1") } }', 1, "CALC is not supported"),
+    ("UAG(a) {b}\nUAG(a) {c}", 2, "duplicate UAG 'a'"),
+    ("ASG(DEFAULT)\nASG(DEFAULT)", 2, "duplicate ASG 'DEFAULT'"),
+    ('UAG(a) {"b}\n', 1, "closing quote missing"),
+    ("UAG(a) {b} @", 1, "invalid character '@'"),
+    ("GROUP(a)", 1, "expected UAG, HAG or ASG, found 'GROUP'"),
+    ("ASG(X) { RULE(1, WRITE) }\n}", 2, "expected UAG, HAG or ASG, found '}'"),
+])
+def test_bad_text_is_an_error_with_its_line(text: str, line: int, reason: str) -> None:
+    with pytest.raises(AccessConfigError) as raised:
+        parse(text)
+    assert raised.value.line == line
+    assert reason in str(raised.value)
+    assert str(raised.value).startswith(f"line {line}: ")
+
+
+def test_shipped_example_parses() -> None:
+    config = access.load(REPO / "db/sfbw.acf")
+    assert {"CONTROL", "DEFAULT"} <= set(config.asgs)
+
+
+# ---- the IOC under an ACF, clients as other Unix users ---------------------------------
+
+@pytest.fixture(scope="module")
+def users():
+    """Two Unix users made for this test, removed afterwards: (writer, reader)."""
+    if os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("runuser"):
+        pytest.skip("needs root with useradd and runuser to act as other Unix users")
+    tag = uuid.uuid4().hex[:6]
+    names = (f"sfbw{tag}w", f"sfbw{tag}r")
+    made = []
+    try:
+        for name in names:
+            result = subprocess.run(["useradd", "--system", "--no-create-home",
+                                     "--shell", "/usr/sbin/nologin", name],
+                                    capture_output=True, text=True)
+            if result.returncode != 0:
+                pytest.skip(f"useradd {name} failed: {result.stderr.strip()}")
+            made.append(name)
+        yield names
+    finally:
+        for name in made:
+            subprocess.run(["userdel", name], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def tools():
+    """caget/caput/cainfo where any user may run them: the installed ones lie below
+    /root, which other users cannot enter (RUNPATH $ORIGIN/../lib finds the libraries)."""
+    directory = Path(tempfile.mkdtemp(prefix="sfbw-ca-tools-"))
+    try:
+        (directory / "bin").mkdir()
+        (directory / "lib").mkdir()
+        for tool in ("caget", "caput", "cainfo"):
+            shutil.copy2(EPICS_BIN / tool, directory / "bin" / tool)
+        for library in (EPICS_BIN.parent / "lib").glob("lib*.so*"):
+            if library.name.startswith(("libca.", "libCom.")):
+                shutil.copy2(library, directory / "lib" / library.name)
+        for path in (directory, directory / "bin", directory / "lib"):
+            path.chmod(0o755)
+        yield directory / "bin"
+    finally:
+        shutil.rmtree(directory)
+
+
+def acf_text(writer: str, reader: str, host: str) -> str:
+    # The host in upper case: HAG hosts match case-insensitively.
+    return f"""\
+UAG(operators) {{{writer}}}
+UAG(guests) {{{reader}}}
+HAG(here) {{{host.upper()}}}
+HAG(elsewhere) {{"no-such-host.example"}}
+ASG(DEFAULT) {{ RULE(1, READ) }}
+ASG(CONTROL) {{
+    RULE(1, WRITE) {{ UAG(operators) HAG(here) }}
+    RULE(1, WRITE) {{ UAG(guests) HAG(elsewhere) }}
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def secured_ioc(users, tmp_path_factory, ca_ports):
+    writer, reader = users
+    directory = tmp_path_factory.mktemp("access")
+    acf = directory / "sfbw.acf"
+    acf.write_text(acf_text(writer, reader, socket.gethostname()))
+    ioc = IocProcess(ca_ports(), unique_prefix("ACC"),
+                     ["--simulate", "--simulate-rate", "20", "--access-security", str(acf),
+                      "--output-root", str(directory / "data")], directory / "ioc.log")
+    yield ioc
+    ioc.stop()
+
+
+def as_user(user: str, tools: Path, ioc: IocProcess, *command: str,
+            hostname: str | None = None) -> subprocess.CompletedProcess:
+    """An EPICS tool run as ``user`` (from a host named ``hostname``: a new UTS
+    namespace, where libca takes the host name it sends from)."""
+    env = {**os.environ, **ca_client_environment([ioc.port])}
+    tool, *args = command
+    argv = ["runuser", "-u", user, "--", str(tools / tool), *args]
+    if hostname is not None:
+        argv = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', hostname, *argv]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+
+
+def access_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stderr
+    return next(line for line in result.stdout.splitlines() if "Access:" in line).split(
+        "Access:")[1].strip()
+
+
+def test_writer_writes_reader_is_refused_and_nothing_changes(secured_ioc, users, tools):
+    ioc, (writer, reader) = secured_ioc, users
+    pv = ioc.pv("OUTPUT_FILE")
+    put = as_user(writer, tools, ioc, "caput", "-c", "-S", "-w", CA_TIMEOUT, pv, "mine.h5")
+    assert put.returncode == 0, put.stderr + put.stdout
+    assert ioc.text("OUTPUT_FILE") == "mine.h5"
+    assert access_line(as_user(writer, tools, ioc, "cainfo", pv)) == "read, write"
+
+    assert access_line(as_user(reader, tools, ioc, "cainfo", pv)) == "read, no write"
+    refused = as_user(reader, tools, ioc, "caput", "-c", "-S", "-w", CA_TIMEOUT, pv, "theirs.h5")
+    assert refused.returncode == 1
+    assert "Write access denied" in refused.stderr  # libca refuses before sending
+    start = as_user(reader, tools, ioc, "caput", "-c", "-w", CA_TIMEOUT, ioc.pv("START_NOW"), "1")
+    assert start.returncode == 1
+    assert ioc.text("OUTPUT_FILE") == "mine.h5"
+    assert ioc.get("STATE", as_string=True) == "IDLE"
+    assert not list((Path(ioc.text("OUTPUT_ROOT"))).glob("*.h5*"))
+
+    # Reads are not affected: the reader reads control and status PVs alike.
+    got = as_user(reader, tools, ioc, "caget", "-t", "-S", pv)
+    assert (got.returncode, got.stdout.strip()) == (0, "mine.h5")
+    got = as_user(reader, tools, ioc, "caget", "-t", ioc.pv("STATE"))
+    assert (got.returncode, got.stdout.strip()) == (0, "IDLE")
+
+
+def test_record_fields_follow_their_record(secured_ioc, users, tools):
+    """START_NOW.PROC would run the putter again: a field is in its record's ASG."""
+    ioc, (writer, reader) = secured_ioc, users
+    assert access_line(as_user(reader, tools, ioc, "cainfo", ioc.pv("START_NOW.PROC"))) == \
+        "read, no write"
+    assert access_line(as_user(writer, tools, ioc, "cainfo", ioc.pv("START_NOW.PROC"))) == \
+        "read, write"
+    # Read-only PVs stay read-only for the writer too.
+    assert access_line(as_user(writer, tools, ioc, "cainfo", ioc.pv("STATE"))) == \
+        "read, no write"
+
+
+def test_host_decides_too(secured_ioc, users, tools):
+    ioc, (writer, reader) = secured_ioc, users
+    pv = ioc.pv("USER")
+    # The writer from another host is not in HAG(here): read only.
+    assert access_line(as_user(writer, tools, ioc, "cainfo", pv,
+                               hostname="office-pc")) == "read, no write"
+    # The reader may write from the host of HAG(elsewhere).
+    put = as_user(reader, tools, ioc, "caput", "-c", "-S", "-w", CA_TIMEOUT, pv, "guest",
+                  hostname="no-such-host.example")
+    assert put.returncode == 0, put.stderr + put.stdout
+    assert ioc.text("USER") == "guest"
+
+
+def test_other_clients_see_no_write_access_and_the_server_refuses(secured_ioc):
+    """This process's user (root) is in no UAG: pyepics reports it, and caproto's client,
+    which writes regardless, is refused by the server."""
+    ioc = secured_ioc
+    channel = epics.PV(ioc.pv("PROCESS"))
+    assert channel.wait_for_connection(timeout=5)
+    assert (channel.read_access, channel.write_access) == (True, False)
+    assert epics.PV(ioc.pv("RECEIVED")).wait_for_connection(timeout=5)
+    before = ioc.text("PROCESS")
+    with pytest.raises(caproto_client.ErrorResponseReceived):
+        caproto_client.write(ioc.pv("PROCESS"), "intruder", notify=True, timeout=5)
+    assert ioc.text("PROCESS") == before
+    assert ioc.get("PROCESS", as_string=True, count=0) == before
+
+
+# ---- start-up ----------------------------------------------------------------------------
+
+def run_cli(tmp_path: Path, port: int, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **ioc_environment(port)}
+    return subprocess.run([sys.executable, "-m", "sfbw_ioc.cli", "--simulate",
+                           "--prefix", unique_prefix("ACB"), "--output-root",
+                           str(tmp_path / "data"), *args],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def test_file_that_does_not_parse_fails_start_up_with_its_line(tmp_path, ca_ports):
+    acf = tmp_path / "bad.acf"
+    acf.write_text("UAG(ops) {alice}\nASG(CONTROL) {\n    RULE(1, WRITE) { UAG(opps) }\n}\n")
+    result = run_cli(tmp_path, ca_ports(), "--access-security", str(acf))
+    assert result.returncode == 1
+    assert "CRITICAL" in result.stderr
+    assert f"{acf}: line 3: no UAG named 'opps' defined" in result.stderr
+
+
+def test_missing_file_fails_start_up(tmp_path, ca_ports):
+    result = run_cli(tmp_path, ca_ports(), "--access-security", str(tmp_path / "none.acf"))
+    assert result.returncode == 1
+    assert "CRITICAL" in result.stderr and "none.acf" in result.stderr
+
+
+def test_file_blinding_the_watchdog_fails_start_up(tmp_path, ca_ports):
+    acf = tmp_path / "blind.acf"
+    acf.write_text("ASG(DEFAULT) { RULE(1, NONE) }\n")
+    result = run_cli(tmp_path, ca_ports(), "--access-security", str(acf))
+    assert result.returncode == 1
+    assert "watchdog" in result.stderr and "CRITICAL" in result.stderr
