@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from caproto import AlarmSeverity, AlarmStatus, ChannelType
-from caproto.server import PVGroup, pvproperty
+from caproto.server import PVGroup, SubGroup, pvproperty
 
 from .acquisition import AcquisitionController, AcquisitionError, State, Status
+from .live import DEFAULT_IMAGE_MAX_PIXELS, LiveImage, LiveSlot, LiveView, rate_pv
 from .pvs import PutRejected, _command_pv, _pulse_id_pv, _stat_pv, _text_pv
 from .receiver import MalformedCounter, Receiver
 from .ring import RingBuffer
@@ -39,6 +40,7 @@ class Backend:
     malformed: MalformedCounter
     controller: AcquisitionController
     stream: str
+    image_max_pixels: int = DEFAULT_IMAGE_MAX_PIXELS
 
 
 class SfbwIOC(PVGroup):
@@ -81,12 +83,28 @@ class SfbwIOC(PVGroup):
     LOST = _stat_pv("Messages lost by writer")
     FILE_BYTES = _stat_pv("Size of current file", units="B")
 
+    # ---- live view (sfbw_ioc/live.py) ------------------------------------------------
+    LIVE1 = SubGroup(LiveSlot, prefix="LIVE1:")
+    LIVE2 = SubGroup(LiveSlot, prefix="LIVE2:")
+    LIVE3 = SubGroup(LiveSlot, prefix="LIVE3:")
+    LIVE4 = SubGroup(LiveSlot, prefix="LIVE4:")
+    LIVE5 = SubGroup(LiveSlot, prefix="LIVE5:")
+    LIVE6 = SubGroup(LiveSlot, prefix="LIVE6:")
+    LIVE7 = SubGroup(LiveSlot, prefix="LIVE7:")
+    LIVE8 = SubGroup(LiveSlot, prefix="LIVE8:")
+    IMAGE = SubGroup(LiveImage, prefix="IMAGE:")
+    LIVE_RATE = rate_pv("Live channels sampling rate", 2.0, alarm_group="LIVE_RATE")
+
     def __init__(self, *args: Any, backend: Backend, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.backend = backend
         self._rate_sample: tuple[float, int] | None = None
         self._published_version = -1
         self._publish_lock = asyncio.Lock()
+        slots = [self.LIVE1, self.LIVE2, self.LIVE3, self.LIVE4,
+                 self.LIVE5, self.LIVE6, self.LIVE7, self.LIVE8]
+        self.live = LiveView(backend.ring, slots, self.IMAGE, self.MESSAGE.write,
+                             backend.image_max_pixels)
 
     # ---- start-up: status changes from the writer thread -----------------------------
 
@@ -133,6 +151,14 @@ class SfbwIOC(PVGroup):
             await self._write_if_changed(self.MESSAGE, status.message)
             await self._write_if_changed(self.LAST_FILE, status.last_file)
             await self._publish_acquisition_figures(status)
+
+    @LIVE_RATE.startup
+    async def LIVE_RATE(self, instance, async_lib) -> None:
+        await self.live.run(async_lib)
+
+    @LIVE_RATE.putter
+    async def LIVE_RATE(self, instance, value: float) -> float:
+        return await self.live.set_rate(value)
 
     # ---- control hooks ---------------------------------------------------------------
 
