@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
-from caproto import AlarmSeverity, AlarmStatus, ChannelType
+from caproto import EPICS2UNIX_EPOCH, AlarmSeverity, AlarmStatus, ChannelType
 from caproto.server import PVGroup, pvproperty
 
 from .protocol import NS_PER_SECOND, ChannelSpec, MalformedMessage, decode_value
@@ -57,7 +57,9 @@ async def checked_rate(value: float, report: Report) -> float:
 
 # ---- what the sampler finds (plain data, made in the sampler thread) ----------------
 
-Stamp = tuple[int, int]  # (seconds, nanoseconds) since the epoch: a PV's timestamp
+# A PV's timestamp as caproto takes it exactly: (seconds, nanoseconds) since the EPICS
+# epoch (1990). A float of Unix seconds would lose the nanoseconds.
+Stamp = tuple[int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +91,9 @@ class ImageSample:
     stamp: Stamp = (0, 0)
 
 
-def _stamp(ns: int) -> Stamp:
-    seconds, nanoseconds = divmod(ns, NS_PER_SECOND)
-    return int(seconds), int(nanoseconds)
+def _stamp(unix_ns: int) -> Stamp:
+    seconds, nanoseconds = divmod(unix_ns, NS_PER_SECOND)
+    return int(seconds) - int(EPICS2UNIX_EPOCH), int(nanoseconds)
 
 
 def _channel_index(message: RawMessage, name: str) -> int | None:
