@@ -21,7 +21,7 @@ from caproto import AccessRights  # noqa: E402
 from caproto.asyncio.server import Context  # noqa: E402
 from caproto.server import template_arg_parser  # noqa: E402
 
-from . import access, epicsdb, memory  # noqa: E402
+from . import access, epicsdb, live, memory  # noqa: E402
 from .acquisition import AcquisitionController  # noqa: E402
 from .ioc import Backend, SfbwIOC  # noqa: E402
 from .receiver import MalformedCounter, Receiver  # noqa: E402
@@ -66,6 +66,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def image_pixels(text: str) -> int:
+    value = positive_int(text)
+    if value > live.IMAGE_ARRAY_LENGTH:
+        raise argparse.ArgumentTypeError(
+            f"at most {live.IMAGE_ARRAY_LENGTH} (IMAGE:ARRAY's length): {text!r}")
+    return value
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, object]:
     parser, split = template_arg_parser(
         default_prefix="SFBW:", supported_async_libs=["asyncio"],
@@ -98,6 +106,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, object]:
                         help="EPICS access security file (ACF): control PVs are in ASG "
                              "CONTROL, all others in DEFAULT (default: everybody may "
                              "write)")
+    parser.add_argument("--image-max-pixels", type=image_pixels,
+                        default=live.DEFAULT_IMAGE_MAX_PIXELS,
+                        help="pixels IMAGE:ARRAY may have; a larger frame is binned by the "
+                             "smallest integer factor that fits (default and most: "
+                             f"{live.IMAGE_ARRAY_LENGTH}, the PV's length)")
     parser.add_argument("--write-db", type=Path, metavar="FILE",
                         help="write the PV list as an EPICS database file and exit")
     return parser, split
@@ -141,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     malformed = MalformedCounter()
     receiver = Receiver(stream, ring, malformed, mode=mode)
     controller = AcquisitionController(ring, malformed, args.output_root, args.pulse_rate)
-    backend = Backend(ring, receiver, malformed, controller, stream)
+    backend = Backend(ring, receiver, malformed, controller, stream, args.image_max_pixels)
     ioc = SfbwIOC(backend=backend, **ioc_options)
     if access_config is not None:
         access.apply(access_config, ioc.pvdb)

@@ -5,11 +5,14 @@ fields; generating the file from the PV definitions keeps it from drifting.
 """
 from __future__ import annotations
 
+from caproto import ChannelType
 from caproto.server import PVGroup
 
 # mbbi state-string fields, in EPICS order.
 _MBB_FIELDS = ("ZRST", "ONST", "TWST", "THST", "FRST", "FVST", "SXST", "SVST",
                "EIST", "NIST", "TEST", "ELST", "TVST", "TTST", "FTST", "FFST")
+# A waveform's element type, from the pvproperty's dtype.
+_FTVL = {ChannelType.CHAR: "CHAR", float: "DOUBLE", ChannelType.FLOAT: "FLOAT"}
 DESC_LENGTH = 40  # DESC is a 41-byte string field in EPICS base
 
 
@@ -27,9 +30,20 @@ def record_fields(pv) -> dict[str, str]:
     elif spec.record == "mbbi":
         fields.update(zip(_MBB_FIELDS, options["enum_strings"]))
     elif spec.record == "waveform":
-        fields["FTVL"] = "CHAR"
+        fields["FTVL"] = _FTVL[spec.dtype]
         fields["NELM"] = str(spec.max_length)
     return fields
+
+
+def pv_name(group: type[PVGroup], attr: str) -> str:
+    """The PV name of attribute ``attr`` of ``group`` without the IOC's prefix;
+    ``attr`` of a PV in a SubGroup is dotted ("LIVE1.NAME": "LIVE1:NAME")."""
+    *path, last = attr.split(".")
+    prefixes = ""
+    for depth in range(1, len(path) + 1):
+        subgroup = group._subgroups_[".".join(path[:depth])]
+        prefixes += subgroup.prefix if subgroup.prefix is not None else subgroup.attr_name
+    return prefixes + (group._pvs_[attr].pvspec.name or last)
 
 
 def render(group: type[PVGroup], prefix_macro: str = "$(P)") -> str:
@@ -37,8 +51,7 @@ def render(group: type[PVGroup], prefix_macro: str = "$(P)") -> str:
     lines = [f"# Generated from {group.__module__}.{group.__qualname__}: "
              "python -m sfbw_ioc.cli --write-db db/sfbw.db", ""]
     for attr, pv in group._pvs_.items():
-        name = pv.pvspec.name or attr
-        lines.append(f'record({pv.pvspec.record}, "{prefix_macro}{name}") {{')
+        lines.append(f'record({pv.pvspec.record}, "{prefix_macro}{pv_name(group, attr)}") {{')
         for field, value in record_fields(pv).items():
             escaped = value.replace("\\", "\\\\").replace('"', '\\"')
             lines.append(f'    field({field}, "{escaped}")')

@@ -16,45 +16,19 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from caproto import AlarmSeverity, AlarmStatus, ChannelType
-from caproto.server import PVGroup, pvproperty
+from caproto.server import PVGroup, SubGroup, pvproperty
 
 from .acquisition import AcquisitionController, AcquisitionError, State, Status
+from .live import DEFAULT_IMAGE_MAX_PIXELS, LiveImage, LiveSlot, LiveView, rate_pv
+from .pvs import PutRejected, _command_pv, _pulse_id_pv, _stat_pv, _text_pv
 from .receiver import MalformedCounter, Receiver
 from .ring import RingBuffer
 
 log = logging.getLogger(__name__)
 
 STATS_PERIOD_S = 0.5
-PATH_LENGTH = 1024
 # Pulse ids travel as float64 (Channel Access has no 64-bit integer): exact below 2**53.
 MAX_PULSE_ID = 2**53
-
-
-def _pulse_id_pv(doc: str, read_only: bool = False, **kwargs: Any) -> pvproperty:
-    return pvproperty(value=0.0, dtype=float, precision=0, record="ai" if read_only else "ao",
-                      read_only=read_only, doc=doc, **kwargs)
-
-
-def _text_pv(doc: str, read_only: bool = False, max_length: int = PATH_LENGTH,
-             **kwargs: Any) -> pvproperty:
-    return pvproperty(value="", dtype=ChannelType.CHAR, max_length=max_length,
-                      string_encoding="utf-8", record="waveform",
-                      read_only=read_only, doc=doc, **kwargs)
-
-
-def _command_pv(doc: str) -> pvproperty:
-    return pvproperty(value="Done", dtype=ChannelType.ENUM, enum_strings=("Done", "Do"),
-                      record="bo", doc=doc)
-
-
-def _stat_pv(doc: str, units: str = "", precision: int = 0) -> pvproperty:
-    # float64 rather than LONG: counters and byte sizes outgrow int32 on a 24/7 IOC.
-    return pvproperty(value=0.0, dtype=float, precision=precision, units=units, record="ai",
-                      read_only=True, alarm_group="stats", doc=doc)
-
-
-class PutRejected(Exception):
-    """Raised from a putter so the client gets a put failure; the text is in MESSAGE."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +40,7 @@ class Backend:
     malformed: MalformedCounter
     controller: AcquisitionController
     stream: str
+    image_max_pixels: int = DEFAULT_IMAGE_MAX_PIXELS
 
 
 class SfbwIOC(PVGroup):
@@ -108,12 +83,28 @@ class SfbwIOC(PVGroup):
     LOST = _stat_pv("Messages lost by writer")
     FILE_BYTES = _stat_pv("Size of current file", units="B")
 
+    # ---- live view (sfbw_ioc/live.py) ------------------------------------------------
+    LIVE1 = SubGroup(LiveSlot, prefix="LIVE1:")
+    LIVE2 = SubGroup(LiveSlot, prefix="LIVE2:")
+    LIVE3 = SubGroup(LiveSlot, prefix="LIVE3:")
+    LIVE4 = SubGroup(LiveSlot, prefix="LIVE4:")
+    LIVE5 = SubGroup(LiveSlot, prefix="LIVE5:")
+    LIVE6 = SubGroup(LiveSlot, prefix="LIVE6:")
+    LIVE7 = SubGroup(LiveSlot, prefix="LIVE7:")
+    LIVE8 = SubGroup(LiveSlot, prefix="LIVE8:")
+    IMAGE = SubGroup(LiveImage, prefix="IMAGE:")
+    LIVE_RATE = rate_pv("Live channels sampling rate", 2.0, alarm_group="LIVE_RATE")
+
     def __init__(self, *args: Any, backend: Backend, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.backend = backend
         self._rate_sample: tuple[float, int] | None = None
         self._published_version = -1
         self._publish_lock = asyncio.Lock()
+        slots = [self.LIVE1, self.LIVE2, self.LIVE3, self.LIVE4,
+                 self.LIVE5, self.LIVE6, self.LIVE7, self.LIVE8]
+        self.live = LiveView(backend.ring, slots, self.IMAGE, self.MESSAGE.write,
+                             backend.image_max_pixels)
 
     # ---- start-up: status changes from the writer thread -----------------------------
 
@@ -160,6 +151,14 @@ class SfbwIOC(PVGroup):
             await self._write_if_changed(self.MESSAGE, status.message)
             await self._write_if_changed(self.LAST_FILE, status.last_file)
             await self._publish_acquisition_figures(status)
+
+    @LIVE_RATE.startup
+    async def LIVE_RATE(self, instance, async_lib) -> None:
+        await self.live.run(async_lib)
+
+    @LIVE_RATE.putter
+    async def LIVE_RATE(self, instance, value: float) -> float:
+        return await self.live.set_rate(value)
 
     # ---- control hooks ---------------------------------------------------------------
 

@@ -1,9 +1,11 @@
-"""The README's demo (--simulate) gives a real file; db/sfbw.db matches the running IOC."""
+"""The README's demo (--simulate) gives a real file; db/sfbw.db and the Phoebus panel
+db/sfbw.bob match the running IOC."""
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
+import xml.etree.ElementTree as ElementTree
 
 import epics
 import h5py
@@ -14,6 +16,16 @@ from sfbw_ioc import epicsdb
 from sfbw_ioc.ioc import SfbwIOC
 
 DB_FILE = REPO / "db" / "sfbw.db"
+PANEL = REPO / "db" / "sfbw.bob"
+# Widget types of Phoebus' Display Builder (its docs' widget list, phoebus 4.7).
+PHOEBUS_WIDGETS = {
+    "action_button", "arc", "array", "bool_button", "byte_monitor", "checkbox", "choice",
+    "combo", "ellipse", "embedded", "fileselector", "group", "image", "label", "led",
+    "linear-meter", "meter", "multi_state_led", "navtabs", "picture", "polygon", "polyline",
+    "progressbar", "radio", "rectangle", "scaledslider", "scrollbar", "slide_button",
+    "spinner", "stripchart", "symbol", "table", "tabs", "tank", "text-symbol", "textentry",
+    "textupdate", "thermometer", "thumbwheel", "webbrowser", "xyplot", "3dviewer",
+}
 RECORD = re.compile(r'^record\((\w+), "\$\(P\)([^"]+)"\)', re.M)
 FIELD = re.compile(r'field\((\w+), "([^"]*)"\)')
 
@@ -84,6 +96,30 @@ def test_the_simulated_stream_fills_pvs_and_a_real_file(demo):
         present = camera["is_data_present"][:].astype(bool)
         assert present.tolist() == (camera["pulse_id"][:] % 10 == 0).tolist()
         assert camera["data"].ndim == 3 and camera["data"][present][0].any()
+
+
+def test_the_panel_names_only_pvs_the_ioc_serves(demo):
+    ioc, _ = demo
+    served = poll(lambda: _logged_pv_names(ioc.log()), what="--list-pvs output")
+    panel = ElementTree.parse(PANEL).getroot()
+    named = {element.text.strip().replace("$(P)", ioc.prefix)
+             for element in panel.iter("pv_name")}
+    assert ioc.pv("IMAGE:ARRAY") in named and ioc.pv("LIVE8:NAME") in named
+    assert named <= served, named - served
+    types = {widget.get("type") for widget in panel.iter("widget")}
+    assert types <= PHOEBUS_WIDGETS, types - PHOEBUS_WIDGETS
+
+
+def test_the_panel_image_takes_its_size_from_the_ioc():
+    panel = ElementTree.parse(PANEL).getroot()
+    image, = (w for w in panel.iter("widget") if w.get("type") == "image")
+    assert image.findtext("pv_name") == "$(P)IMAGE:ARRAY"
+    sizes = {rule.get("prop_id"): rule.findtext("pv_name")
+             for rule in image.iter("rule") if rule.get("out_exp") == "true"}
+    assert sizes == {"data_width": "$(P)IMAGE:WIDTH", "data_height": "$(P)IMAGE:HEIGHT"}
+    for rule in image.iter("rule"):
+        assert rule.find("exp").get("bool_exp") == "true"
+        assert rule.findtext("exp/expression") == "pvInt0"
 
 
 def _records(db_text: str) -> dict[str, dict[str, str]]:

@@ -160,3 +160,19 @@ def test_wait_for_batch_wakes_on_bytes_before_the_count():
     assert ring.wait_for_batch(0, 50, 10**6, timeout=0.01) is False
     assert ring.wait_for_batch(0, 2, 10**6, timeout=0.01) is True
     assert ring.wait_for_batch(5, 50, 10**6, timeout=0.01, pulse_id=2) is True
+
+
+def test_newest_is_the_last_appended_or_the_last_one_accepted():
+    assert RingBuffer(10, 1000).newest() is None
+    ring = filled(range(100, 125), max_messages=10)
+    assert ring.newest().pulse_id == 124
+    assert ring.newest(lambda m: m.pulse_id % 5 == 0).pulse_id == 120
+    # Only what the ring still holds: 100..114 were evicted.
+    assert ring.newest(lambda m: m.pulse_id < 115) is None
+
+
+def test_a_part_is_the_same_as_in_frames():
+    parts = [b"main", b"dh", b"value0", b"ts0", b"", b"", b"value2", b"ts2"]
+    raw = RawMessage.pack(1, 0, HEADER, parts)
+    for index in range(2, len(parts)):
+        assert bytes(raw.part(index)) == bytes(raw.frames[index]) == parts[index]
