@@ -24,6 +24,7 @@ import numpy as np
 from .bsread import Column, MalformedMessage, decode_columns, decode_uniform_columns
 from .receiver import MalformedCounter
 from .ring import RawMessage, RingBuffer, stack_uniform, typical_step
+from .selection import ChannelSelection
 from .writer import FileWriter
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class _Acquisition:
     writer: FileWriter
     cursor: int  # next ring seq to look at
     start_pulse_id: int | None  # None: START_NOW, everything from ``cursor`` on
+    selection: ChannelSelection | None = None  # None: every channel
     stop_pulse_id: int | None = None
     stop_seq: int | None = None  # STOP_NOW: last ring seq to write
     aborted: bool = False
@@ -120,8 +122,9 @@ class AcquisitionController:
             self._on_change = callback
 
     def start(self, start_pulse_id: int | None, output_file: str,
-              general: Mapping[str, str]) -> Path:
-        """Begin an acquisition at ``start_pulse_id`` (None: with the next message).
+              general: Mapping[str, str], selection: ChannelSelection | None = None) -> Path:
+        """Begin an acquisition at ``start_pulse_id`` (None: with the next message),
+        of the channels of ``selection`` (None: all).
 
         Opens the file; raises ``AcquisitionError`` with the reason when refused.
         """
@@ -137,7 +140,7 @@ class AcquisitionController:
                 self._starting = False
         with self._lock:
             stop = self._pending_stop
-            acquisition = self._new_acquisition(writer, start_pulse_id, stop)
+            acquisition = self._new_acquisition(writer, start_pulse_id, stop, selection)
             self._pending_stop = None
             self._active = acquisition
             message = self._start_message(acquisition, target)
@@ -224,8 +227,9 @@ class AcquisitionController:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def resolve_output(self, output_file: str) -> Path:
-        """The absolute target for OUTPUT_FILE, refused when outside the root or taken."""
+    def resolve_output(self, output_file: str, must_be_new: bool = True) -> Path:
+        """The absolute target for OUTPUT_FILE, refused when outside the root or (unless
+        ``must_be_new`` is False) taken."""
         if not output_file.strip():
             raise AcquisitionError("OUTPUT_FILE is empty")
         if "\0" in output_file:
@@ -235,20 +239,21 @@ class AcquisitionController:
         if not target.is_relative_to(self.output_root) or target == self.output_root:
             raise AcquisitionError(f"{output_file!r} is outside the output root "
                                    f"{self.output_root}")
-        if target.exists():
+        if must_be_new and target.exists():
             raise AcquisitionError(f"{target} exists already; files are never overwritten")
         return target
 
     # ---- helpers of the commands (lock held) -----------------------------------------
 
     def _new_acquisition(self, writer: FileWriter, start_pulse_id: int | None,
-                         stop_pulse_id: int | None) -> _Acquisition:
+                         stop_pulse_id: int | None,
+                         selection: ChannelSelection | None) -> _Acquisition:
         if start_pulse_id is None:
             cursor = self._ring.next_seq
         else:
             cursor = self._ring.find_start(start_pulse_id)
         stats = self._ring.stats()
-        return _Acquisition(writer, cursor, start_pulse_id, stop_pulse_id,
+        return _Acquisition(writer, cursor, start_pulse_id, selection, stop_pulse_id,
                             pulse_step=self._ring.typical_pulse_step(),
                             clock_pulse_id=stats.newest_pulse_id, clock_time=time.monotonic(),
                             last_flush=time.monotonic())
@@ -374,7 +379,7 @@ class AcquisitionController:
     def _append(self, acquisition: _Acquisition, run: list[RawMessage]) -> None:
         """Decode messages that share a data header channel by channel, and append them."""
         pulse_ids = [message.pulse_id for message in run]
-        columns, errors = _decode_run(run)
+        columns, errors = _decode_run(run, acquisition.selection)
         for row, error in errors:
             self._malformed.report(error, pulse_ids[row])
         acquisition.writer.append_columns(pulse_ids, columns)
@@ -465,15 +470,18 @@ class AcquisitionController:
             future.set_exception(AcquisitionError(message))
 
 
-def _decode_run(run: list[RawMessage]) -> tuple[list[Column], list[tuple[int, MalformedMessage]]]:
-    """Columns of messages sharing a data header; sliced out of one array when every
-    message has the same part lengths (a steady stream of plain values). The receiver
-    checked the images on arrival."""
+def _decode_run(run: list[RawMessage], selection: ChannelSelection | None,
+                ) -> tuple[list[Column], list[tuple[int, MalformedMessage]]]:
+    """Columns of the selected channels of messages sharing a data header; sliced out
+    of one array when every message has the same part lengths (a steady stream of plain
+    values). The receiver checked the images on arrival."""
+    header = run[0].header
+    channels = None if selection is None else selection.indices(header)
     stacked = stack_uniform(run)
     if stacked is None:
-        return decode_columns(run[0].header, [message.frames for message in run],
-                              chunks_checked=True)
-    return decode_uniform_columns(run[0].header, *stacked, chunks_checked=True)
+        return decode_columns(header, [message.frames for message in run],
+                              chunks_checked=True, channels=channels)
+    return decode_uniform_columns(header, *stacked, chunks_checked=True, channels=channels)
 
 
 def _runs_of_one_header(messages: list[RawMessage]) -> list[list[RawMessage]]:

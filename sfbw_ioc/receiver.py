@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Protocol
 
 import zmq
 
@@ -63,18 +65,29 @@ class ReceiverStats:
     pulse_id_anomalies: int  # pulse id repeated or went back (source restart)
 
 
+class Forward(Protocol):
+    """Where the receiver sends on every intact message, parts unchanged (it must never
+    block: sfbw_ioc.forward.Forwarder)."""
+
+    def send(self, frames: list[zmq.Frame]) -> None: ...
+
+
 class Receiver(threading.Thread):
-    """Connects to ``address`` (PULL or SUB) and appends every good message to ``ring``."""
+    """Connects to ``address`` (PULL or SUB) and appends every good message to ``ring``
+    (and hands the intact ones to ``forward``)."""
 
     def __init__(self, address: str, ring: RingBuffer, malformed: MalformedCounter,
-                 mode: str = "pull", context: zmq.Context | None = None) -> None:
+                 mode: str = "pull", context: zmq.Context | None = None,
+                 forward: Forward | None = None) -> None:
         super().__init__(name="bsread-receiver", daemon=True)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {sorted(MODES)}, not {mode!r}")
+        _check_mode(mode)
         self.address = address
         self.mode = mode
         self._ring = ring
         self._malformed = malformed
+        self._forward = forward
+        self._switch: tuple[str, str, Future] | None = None
+        self._switching = threading.Event()
         self._context = context or zmq.Context.instance()
         self._headers = HeaderCache()
         self._stop_event = threading.Event()
@@ -89,6 +102,19 @@ class Receiver(threading.Thread):
         if self.is_alive():
             self.join(timeout)
 
+    def reconnect(self, address: str, mode: str) -> Future:
+        """Listen to ``address`` instead: the receiver thread closes its socket, empties
+        the ring (no message of the old stream may reach a file as the new one's) and
+        connects anew. The future resolves once the ring is empty."""
+        _check_mode(mode)
+        future: Future = Future()
+        with self._lock:
+            if self._switch is not None:
+                raise RuntimeError("a change of stream is under way")
+            self._switch = (address, mode, future)
+        self._switching.set()
+        return future
+
     def stats(self) -> ReceiverStats:
         with self._lock:
             return ReceiverStats(self._received, self._last_pulse_id, self._anomalies)
@@ -101,13 +127,27 @@ class Receiver(threading.Thread):
             except zmq.ZMQError:
                 log.exception("receiver socket failed; reconnecting to %s in 1 s", self.address)
                 self._stop_event.wait(1.0)
+            self._switch_stream()
+
+    def _switch_stream(self) -> None:
+        """Apply a pending ``reconnect``; the old socket is closed by now."""
+        with self._lock:
+            switch, self._switch = self._switch, None
+            self._switching.clear()
+            if switch is None:
+                return
+            self.address, self.mode, future = switch
+            self._last_pulse_id = None  # the new source's pulse ids are no anomaly
+        self._ring.clear()
+        log.info("stream changed to %s (%s); buffer emptied", self.address, self.mode)
+        future.set_result(None)
 
     def _receive_until_stopped(self) -> None:
         socket = self._open_socket()
         try:
             poller = zmq.Poller()
             poller.register(socket, zmq.POLLIN)
-            while not self._stop_event.is_set():
+            while not (self._stop_event.is_set() or self._switching.is_set()):
                 if poller.poll(_POLL_MS):
                     self._drain(socket)
         finally:
@@ -143,8 +183,11 @@ class Receiver(threading.Thread):
             except zmq.Again:
                 break
             try:
-                batch.append(self._parse(frames))
-                nbytes += batch[-1].nbytes
+                message, intact = self._parse(frames)
+                batch.append(message)
+                nbytes += message.nbytes
+                if intact and self._forward is not None:
+                    self._forward.send(frames)
             except MalformedMessage as error:
                 self._malformed.report(error)
             except Exception as error:  # a codec bug must not end buffering: count, log
@@ -171,7 +214,8 @@ class Receiver(threading.Thread):
             log.warning("pulse id went from %d to %d (source restart?); %d such so far",
                         previous, current, self._anomalies)
 
-    def _parse(self, frames: list[zmq.Frame]) -> RawMessage:
+    def _parse(self, frames: list[zmq.Frame]) -> tuple[RawMessage, bool]:
+        """The message for the ring, and whether it is intact (no image left out)."""
         if len(frames) < 2:
             raise MalformedMessage("part_count", f"{len(frames)} parts, need at least 2")
         main = parse_main_header(frames[0])
@@ -179,10 +223,17 @@ class Receiver(threading.Thread):
         check_structure(header, frames)
         # Checked here, once: a corrupt image is counted as it arrives, and the ring
         # holds the message without it (absent), so no file can get it.
-        for index, error in corrupt_chunks(header, frames):
+        corrupt = corrupt_chunks(header, frames)
+        for index, error in corrupt:
             self._malformed.report(error, main.pulse_id)
             frames = [*frames[:2 + 2 * index], b"", b"", *frames[4 + 2 * index:]]
-        return RawMessage.pack(main.pulse_id, main.global_timestamp_ns, header, frames)
+        message = RawMessage.pack(main.pulse_id, main.global_timestamp_ns, header, frames)
+        return message, not corrupt
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, not {mode!r}")
 
 
 def _receive_parts(socket: zmq.Socket) -> list[zmq.Frame]:

@@ -219,6 +219,13 @@ class RingBuffer:
         with self._cond:
             return self._bytes_from(from_seq)
 
+    def clear(self) -> None:
+        """Drop every message (another stream begins); seqs go on from where they were."""
+        with self._cond:
+            while self._count():
+                self._evict_oldest()
+            self._cond.notify_all()
+
     def wake_readers(self) -> None:
         """Wake threads blocked in ``wait_for`` so they can look at new commands."""
         with self._cond:

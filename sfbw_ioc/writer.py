@@ -4,6 +4,7 @@ A small open/append/flush/close interface (like areaDetector's NDFileHDF5) with 
 file format behind it::
 
     /general/{created,user,process,instrument}   scalar UTF-8 strings
+    /general/channels                 the channel selection as given (empty: all)
     /data/<channel>/data              one row per message; scalars as (N, 1)
     /data/<channel>/data(1), ...      earlier definitions after a type or shape change
     /data/<channel>/pulse_id          int64 (N,)
@@ -703,6 +704,8 @@ def _write_general(h5: h5py.File, general: Mapping[str, str], created: str) -> N
     group.create_dataset("created", data=created, dtype=_STRING_DTYPE)
     for key in GENERAL_KEYS:
         group.create_dataset(key, data=general.get(key) or NOT_GIVEN, dtype=_STRING_DTYPE)
+    if "channels" in general:  # the selection as given; empty: every channel
+        group.create_dataset("channels", data=general["channels"], dtype=_STRING_DTYPE)
 
 
 def _now() -> str:

@@ -37,14 +37,16 @@ class Column:
 
 
 def decode_columns(
-    header: DataHeader, messages: Sequence[Sequence[Buffer]], chunks_checked: bool = False
+    header: DataHeader, messages: Sequence[Sequence[Buffer]], chunks_checked: bool = False,
+    channels: Sequence[int] | None = None,
 ) -> tuple[list[Column], list[tuple[int, MalformedMessage]]]:
     """Decode a run of messages channel by channel: one numpy operation per channel for
     plain values instead of one per value. A value that cannot be decoded comes back
     absent and is listed with its row. Never raises MalformedMessage.
 
     ``chunks_checked``: the messages passed ``corrupt_chunks`` already (the receiver's),
-    their images are not checked again."""
+    their images are not checked again. ``channels``: the indices of the channels to
+    decode, in header order (None: all); the others are not looked at."""
     errors: list[tuple[int, MalformedMessage]] = []
     rows = []
     for row, frames in enumerate(messages):
@@ -55,15 +57,16 @@ def decode_columns(
             errors.append((row, exc))
             rows.append([b""] * (2 + 2 * len(header.channels)))
     columns = [
-        _decode_column(spec, [f[2 + 2 * i] for f in rows], [f[3 + 2 * i] for f in rows], errors,
-                       chunks_checked)
-        for i, spec in enumerate(header.channels)
+        _decode_column(header.channels[i], [f[2 + 2 * i] for f in rows],
+                       [f[3 + 2 * i] for f in rows], errors, chunks_checked)
+        for i in _selected(header, channels)
     ]
     return columns, errors
 
 
 def decode_uniform_columns(
-    header: DataHeader, rows: np.ndarray, offsets: Sequence[int], chunks_checked: bool = False
+    header: DataHeader, rows: np.ndarray, offsets: Sequence[int], chunks_checked: bool = False,
+    channels: Sequence[int] | None = None,
 ) -> tuple[list[Column], list[tuple[int, MalformedMessage]]]:
     """decode_columns for a run whose messages have parts of the same lengths, stacked
     as ``rows``, an (n, bytes) uint8 array: channel i's value is in the columns
@@ -76,7 +79,8 @@ def decode_uniform_columns(
         raise ValueError(f"{len(offsets)} offsets for {len(header.channels)} channels")
     errors: list[tuple[int, MalformedMessage]] = []
     columns = []
-    for index, spec in enumerate(header.channels):
+    for index in _selected(header, channels):
+        spec = header.channels[index]
         start, middle, end = offsets[2 * index : 2 * index + 3]
         values, stamps = rows[:, start:middle], rows[:, middle:end]
         if (spec.compression == "none" and middle - start == value_nbytes(spec)
@@ -88,6 +92,10 @@ def decode_uniform_columns(
                 spec, list(map(memoryview, values)), list(map(memoryview, stamps)), errors,
                 chunks_checked))
     return columns, errors
+
+
+def _selected(header: DataHeader, channels: Sequence[int] | None) -> Sequence[int]:
+    return range(len(header.channels)) if channels is None else channels
 
 
 def _decode_column(
