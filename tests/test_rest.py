@@ -11,6 +11,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -72,8 +73,16 @@ class Rest:
         return parameters
 
 
+@dataclass
+class Rig:
+    ioc: IocProcess
+    source: BsreadSource
+    root: Path
+    rest: Rest
+
+
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, ca_ports):
+def module_rig(tmp_path_factory, ca_ports):
     root = tmp_path_factory.mktemp("output")
     source = BsreadSource()
     rest_port = free_port()
@@ -84,32 +93,16 @@ def setup(tmp_path_factory, ca_ports):
                       # waiting for a stop in the future stays open however slow we are.
                       "--pulse-rate", "1"],
                      tmp_path_factory.mktemp("log") / "ioc.log")
-    yield ioc, source, root, Rest(rest_port)
+    yield Rig(ioc, source, root, Rest(rest_port))
     source.close()
     assert ioc.stop() == 0, ioc.log()
 
 
 @pytest.fixture
-def ioc(setup):
-    ioc, _, _, rest = setup
-    yield ioc
-    rest.json("GET", "/kill")  # leave the IOC idle for the next test
-    ioc.wait_for("STATE", 0)
-
-
-@pytest.fixture
-def source(setup):
-    return setup[1]
-
-
-@pytest.fixture
-def root(setup):
-    return setup[2]
-
-
-@pytest.fixture
-def rest(setup):
-    return setup[3]
+def rig(module_rig):
+    yield module_rig
+    module_rig.rest.json("GET", "/kill")  # leave the IOC idle for the next test
+    module_rig.ioc.wait_for("STATE", 0)
 
 
 def buffered(ioc, source, first: int, last: int) -> None:
@@ -128,7 +121,8 @@ def general(path: Path) -> dict[str, str]:
 
 
 # First in the module: pulse ids 0..30 are the stream's first, as in the predecessor's test.
-def test_the_predecessors_interaction(ioc, source, root, rest):
+def test_the_predecessors_interaction(rig):
+    ioc, source, root, rest = rig.ioc, rig.source, rig.root, rig.rest
     buffered(ioc, source, 0, 30)  # 30: the writer stops on the first pulse past the stop
     assert rest.json("GET", "/status") == {"state": "ok", "status": "waiting"}
     parameters = rest.parameters(output_file="predecessor.h5")
@@ -149,7 +143,8 @@ def test_the_predecessors_interaction(ioc, source, root, rest):
                                  "last_timestamp": pytest.approx(timestamp_for(29) / 1e9)}
 
 
-def test_a_stop_answers_when_taken_and_the_file_closes_later(ioc, source, root, rest):
+def test_a_stop_answers_when_taken_and_the_file_closes_later(rig):
+    ioc, source, root, rest = rig.ioc, rig.source, rig.root, rig.rest
     base = next(_bases)
     buffered(ioc, source, base, base + 9)
     rest.parameters(output_file="later.h5")
@@ -166,7 +161,8 @@ def test_a_stop_answers_when_taken_and_the_file_closes_later(ioc, source, root, 
     assert rest.statistics()["last_pulse_id"] == base + 50
 
 
-def test_every_refusal_is_an_error_answer(ioc, source, root, rest):
+def test_every_refusal_is_an_error_answer(rig):
+    ioc, source, root, rest = rig.ioc, rig.source, rig.root, rig.rest
     base = next(_bases)
     buffered(ioc, source, base, base + 9)
     user_before = ioc.text("USER")
@@ -214,7 +210,8 @@ def test_every_refusal_is_an_error_answer(ioc, source, root, rest):
     assert "Traceback" not in ioc.log()  # every refusal was answered, none was a fault
 
 
-def test_channel_access_and_rest_see_each_other(ioc, source, root, rest):
+def test_channel_access_and_rest_see_each_other(rig):
+    ioc, source, root, rest = rig.ioc, rig.source, rig.root, rig.rest
     base = next(_bases)
     buffered(ioc, source, base, base + 9)
     # REST parameters → the PVs; a CA START then writes them, general/created included.
