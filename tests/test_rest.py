@@ -143,12 +143,18 @@ def test_the_predecessors_interaction(rig):
                                  "last_timestamp": pytest.approx(timestamp_for(29) / 1e9)}
 
 
+def started_from_the_buffer(rig: Rig, buffered_pulses: int, output_file: str) -> int:
+    """A REST start at the first of ``buffered_pulses`` pulses sent; its pulse id."""
+    base = next(_bases)
+    buffered(rig.ioc, rig.source, base, base + buffered_pulses - 1)
+    rig.rest.parameters(output_file=output_file)
+    rig.rest.command("PUT", f"/start_pulse_id/{base}")
+    return base
+
+
 def test_a_stop_answers_when_taken_and_the_file_closes_later(rig):
     ioc, source, root, rest = rig.ioc, rig.source, rig.root, rig.rest
-    base = next(_bases)
-    buffered(ioc, source, base, base + 9)
-    rest.parameters(output_file="later.h5")
-    rest.command("PUT", f"/start_pulse_id/{base}")
+    base = started_from_the_buffer(rig, 10, "later.h5")
     rest.command("PUT", f"/stop_pulse_id/{base + 50}")  # pulses up to base + 9 so far
     target = root / "later.h5"
     assert rest.status() == "writing" and not target.exists()
@@ -159,6 +165,19 @@ def test_a_stop_answers_when_taken_and_the_file_closes_later(rig):
     # The put-with-callback the REST call left running has completed for CA clients.
     assert ioc.get("STOP_PULSE_ID") == base + 50
     assert rest.statistics()["last_pulse_id"] == base + 50
+
+
+def test_a_late_stop_cuts_the_rows_and_the_statistics_follow(rig):
+    ioc, root, rest = rig.ioc, rig.root, rig.rest
+    base = started_from_the_buffer(rig, 21, "late_stop.h5")
+    poll(lambda: ioc.get("WRITTEN") == 21, what="all 21 buffered rows written")
+    rest.command("PUT", f"/stop_pulse_id/{base + 10}")  # rows past it are in the file
+    poll(lambda: rest.status() == "waiting", what="the file closed")
+    assert_rows(root / "late_stop.h5", list(range(base, base + 11)))
+    assert "had passed the stop pulse" in ioc.text("MESSAGE")  # rows were cut
+    statistics = rest.statistics()
+    assert statistics["last_pulse_id"] == base + 10
+    assert statistics["last_timestamp"] == pytest.approx(timestamp_for(base + 10) / 1e9)
 
 
 def test_every_refusal_is_an_error_answer(rig):
