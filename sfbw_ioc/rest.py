@@ -95,11 +95,15 @@ class RestApi:
     async def _parameters(self, request: web.Request) -> web.Response:
         parameters = await _json_object(request)
         _check_parameters(parameters)
-        # OUTPUT_FILE first: it is the one a putter refuses for its value.
+        # All or nothing: every value is checked first, then OUTPUT_FILE, the one put a
+        # putter can refuse for its value, goes first.
+        puts = {pv_name: self._text_for(pv_name, parameters, key)
+                for key, pv_name in _TEXT_PARAMETERS.items()}
         if _OUTPUT_FILE in parameters:
-            await self._put_text("OUTPUT_FILE", parameters, _OUTPUT_FILE)
-        for key, pv_name in _TEXT_PARAMETERS.items():
-            await self._put_text(pv_name, parameters, key)
+            puts = {"OUTPUT_FILE": self._text_for("OUTPUT_FILE", parameters, _OUTPUT_FILE),
+                    **puts}
+        for pv_name, text in puts.items():
+            await self._put(pv_name, text)
         self._controller.set_next_created(parameters[_CREATED])
         log.info("REST parameters set: %s", parameters)
         return _ok(self._state(), parameters=parameters)
@@ -121,7 +125,7 @@ class RestApi:
         if unknown:
             raise Refused(f"unknown parameters {sorted(unknown)}: only '{_OUTPUT_FILE}'")
         if _OUTPUT_FILE in body:
-            await self._put_text("OUTPUT_FILE", body, _OUTPUT_FILE)
+            await self._put("OUTPUT_FILE", self._text_for("OUTPUT_FILE", body, _OUTPUT_FILE))
         await self._put("START_NOW", "Do")
         return web.Response()
 
@@ -158,9 +162,9 @@ class RestApi:
     def _state(self) -> str:
         return _STATUS_OF_STATE[self._pvs.STATE.value]
 
-    async def _put_text(self, pv_name: str, values: dict[str, Any], key: str) -> None:
-        """Put ``values[key]`` to a CHAR waveform PV. A CA put longer than the PV is
-        refused by caproto; an in-process write of a str is not checked, so it is here."""
+    def _text_for(self, pv_name: str, values: dict[str, Any], key: str) -> str:
+        """``values[key]`` checked for a CHAR waveform PV. A CA put longer than the PV
+        is refused by caproto; an in-process write of a str is not checked, so it is here."""
         text = _text(values, key)
         try:
             size = len(text.encode("utf-8"))
@@ -171,7 +175,7 @@ class RestApi:
             raise Refused(f"'{key}' is {size} bytes long in UTF-8, {pv_name} holds {limit}")
         if "\0" in text:
             raise Refused(f"'{key}' contains a NUL character")
-        await self._put(pv_name, text)
+        return text
 
     async def _put(self, pv_name: str, value: Any) -> None:
         """A put as a CA client's: the putter's refusal becomes the answer."""

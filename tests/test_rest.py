@@ -184,7 +184,7 @@ def test_every_refusal_is_an_error_answer(rig):
     ioc, source, root, rest = rig.ioc, rig.source, rig.root, rig.rest
     base = next(_bases)
     buffered(ioc, source, base, base + 9)
-    user_before = ioc.text("USER")
+    user_before, output_file_before = ioc.text("USER"), ioc.text("OUTPUT_FILE")
     (root / "taken.h5").write_bytes(b"")
     missing = dict(PREDECESSOR_PARAMETERS)
     del missing["general/process"]
@@ -196,13 +196,15 @@ def test_every_refusal_is_an_error_answer(rig):
         "POST", "/parameters", {**PREDECESSOR_PARAMETERS, "general/user": 123})
     assert "unknown parameters" in rest.refused(
         "POST", "/parameters", {**PREDECESSOR_PARAMETERS, "general/usr": "x"})
-    assert "USER holds 256" in rest.refused(
-        "POST", "/parameters", {**PREDECESSOR_PARAMETERS, "general/user": "é" * 129})
+    assert "USER holds 256" in rest.refused(  # with a good output_file: all or nothing
+        "POST", "/parameters", {**PREDECESSOR_PARAMETERS, "general/user": "é" * 129,
+                                "output_file": "fine.h5"})
     assert "outside the output root" in rest.refused(
         "POST", "/parameters", {**PREDECESSOR_PARAMETERS, "output_file": "../out.h5"})
     assert "exists already" in rest.refused(
         "POST", "/parameters", {**PREDECESSOR_PARAMETERS, "output_file": "taken.h5"})
-    assert ioc.text("USER") == user_before  # refused before anything was set
+    # Refused before anything was set.
+    assert (ioc.text("USER"), ioc.text("OUTPUT_FILE")) == (user_before, output_file_before)
     for pulse_id in ("abc", "-5", "1.5", "+5", str(2**53)):
         assert "pulse id" in rest.refused("PUT", f"/start_pulse_id/{pulse_id}")
         assert "pulse id" in rest.refused("PUT", f"/stop_pulse_id/{pulse_id}")
