@@ -16,6 +16,7 @@ setup(
         "hdf5plugin>=4.1",
         "lz4>=4.3",
         "bitshuffle>=0.5",
+        "aiohttp>=3.9",
     ],
     extras_require={
         "test": [

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from array import array
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -65,6 +66,14 @@ class Status:
     lost: int = 0  # messages the ring dropped before the writer took them
     file_bytes: int = 0
     version: int = 0  # grows with every change: lets a consumer drop stale statuses
+    # The range of the running (or last) acquisition, for the REST API's statistics
+    # (None where unset). A stop set while idle shows as ``stop_pulse_id``.
+    start_pulse_id: int | None = None
+    stop_pulse_id: int | None = None
+    start_time: float | None = None  # Unix time a START_NOW was accepted
+    stop_time: float | None = None  # Unix time a STOP_NOW was accepted
+    last_pulse_id: int | None = None  # last row written
+    last_timestamp_ns: int | None = None  # its bsread global timestamp
 
 
 @dataclass(eq=False)
@@ -86,6 +95,12 @@ class _Acquisition:
     last_flush: float = 0.0
     last_write: float = 0.0  # when the last batch was taken from the ring
     file_bytes: int = 0  # as of the last flush: status() must not stat the disk
+    start_time: float | None = None
+    stop_time: float | None = None
+    # Global timestamps of the rows, so that cutting rows past a late stop keeps the
+    # last one's right; ``last_timestamp_ns`` is what status() reads from other threads.
+    timestamps: array = field(default_factory=lambda: array("q"))
+    last_timestamp_ns: int | None = None
 
 
 class AcquisitionController:
@@ -102,7 +117,9 @@ class AcquisitionController:
         self._wake = threading.Event()
         self._shutdown = threading.Event()
         self._active: _Acquisition | None = None
+        self._latest: _Acquisition | None = None  # running or last: its range is reported
         self._pending_stop: int | None = None
+        self._next_created: str | None = None
         self._starting = False  # a START is opening its file (without the lock)
         self._status = Status()
         self._thread = threading.Thread(target=self._run, name="hdf5-writer", daemon=True)
@@ -131,10 +148,11 @@ class AcquisitionController:
         with self._lock:
             self._check_can_start(start_pulse_id)
             self._starting = True
+            created = self._next_created
         # The disk is touched without the lock: status() must stay instant for the IOC.
         try:
             target = self.resolve_output(output_file)
-            writer = _open_writer(target, general)
+            writer = _open_writer(target, general, created)
         finally:
             with self._lock:
                 self._starting = False
@@ -142,7 +160,8 @@ class AcquisitionController:
             stop = self._pending_stop
             acquisition = self._new_acquisition(writer, start_pulse_id, stop, selection)
             self._pending_stop = None
-            self._active = acquisition
+            self._next_created = None
+            self._active = self._latest = acquisition
             message = self._start_message(acquisition, target)
             self._set_status(Status(State.WAITING, message, str(target),
                                     self._status.last_file,
@@ -151,6 +170,12 @@ class AcquisitionController:
         self._wake.set()
         self._ring.wake_readers()
         return target
+
+    def set_next_created(self, created: str) -> None:
+        """Write ``created`` as /general/created of the next file started (instead of
+        its opening time); no PV carries it, the REST API's parameters do."""
+        with self._lock:
+            self._next_created = created
 
     def _check_can_start(self, start_pulse_id: int | None) -> None:
         if self._starting:
@@ -183,6 +208,7 @@ class AcquisitionController:
                 return future
             if stop_pulse_id is None:
                 acquisition.stop_seq = self._ring.next_seq - 1
+                acquisition.stop_time = time.time()
                 stop_text = "now"
             else:
                 self._check_stop(acquisition, stop_pulse_id)
@@ -211,7 +237,12 @@ class AcquisitionController:
         """The current status, with the live figures of a running acquisition."""
         with self._lock:
             status, acquisition = self._status, self._active
+            latest, pending_stop = self._latest, self._pending_stop
+        if latest is not None:
+            status = replace(status, **_range_of(latest))
         if acquisition is None:
+            if pending_stop is not None:
+                status = replace(status, stop_pulse_id=pending_stop)
             return status
         return replace(status, written=acquisition.writer.rows,
                        file_bytes=acquisition.file_bytes)
@@ -256,7 +287,8 @@ class AcquisitionController:
         return _Acquisition(writer, cursor, start_pulse_id, selection, stop_pulse_id,
                             pulse_step=self._ring.typical_pulse_step(),
                             clock_pulse_id=stats.newest_pulse_id, clock_time=time.monotonic(),
-                            last_flush=time.monotonic())
+                            last_flush=time.monotonic(),
+                            start_time=time.time() if start_pulse_id is None else None)
 
     def _start_message(self, acquisition: _Acquisition, target: Path) -> str:
         start = acquisition.start_pulse_id
@@ -383,11 +415,13 @@ class AcquisitionController:
         for row, error in errors:
             self._malformed.report(error, pulse_ids[row])
         acquisition.writer.append_columns(pulse_ids, columns)
+        acquisition.timestamps.extend(message.global_timestamp_ns for message in run)
         if acquisition.first_pulse_id is None:
             acquisition.first_pulse_id = pulse_ids[0]
             with self._lock:
                 self._set_status(replace(self._status, state=State.WRITING))
         acquisition.last_pulse_id = pulse_ids[-1]
+        acquisition.last_timestamp_ns = acquisition.timestamps[-1]
 
     @staticmethod
     def _cut_after(acquisition: _Acquisition, stop_pulse_id: int) -> bool:
@@ -397,7 +431,9 @@ class AcquisitionController:
         pulse_ids = acquisition.writer.pulse_ids
         rows = int(np.argmax(pulse_ids > stop_pulse_id))
         acquisition.writer.truncate(rows)
+        del acquisition.timestamps[rows:]
         acquisition.last_pulse_id = int(pulse_ids[rows - 1]) if rows else None
+        acquisition.last_timestamp_ns = acquisition.timestamps[-1] if rows else None
         if not rows:
             acquisition.first_pulse_id = None
         return True
@@ -512,12 +548,22 @@ def count_missing(pulse_ids: np.ndarray, start: int | None, stop: int | None,
     return missing
 
 
-def _open_writer(target: Path, general: Mapping[str, str]) -> FileWriter:
+def _open_writer(target: Path, general: Mapping[str, str], created: str | None) -> FileWriter:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        return FileWriter(target, general)
+        return FileWriter(target, general, created=created)
     except OSError as error:
         raise AcquisitionError(f"cannot create {target}: {error.strerror or error}") from error
+
+
+def _range_of(acquisition: _Acquisition) -> dict[str, int | float | None]:
+    """The fields of ``Status`` that describe an acquisition's range, sampled from
+    another thread than the writer's (each is one attribute read)."""
+    return {"start_pulse_id": acquisition.start_pulse_id,
+            "stop_pulse_id": acquisition.stop_pulse_id,
+            "start_time": acquisition.start_time, "stop_time": acquisition.stop_time,
+            "last_pulse_id": acquisition.last_pulse_id,
+            "last_timestamp_ns": acquisition.last_timestamp_ns}
 
 
 def _pulse_range(acquisition: _Acquisition) -> str:

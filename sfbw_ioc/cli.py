@@ -25,6 +25,7 @@ from . import access, epicsdb, live, memory  # noqa: E402
 from .acquisition import AcquisitionController  # noqa: E402
 from .ioc import Backend, SfbwIOC  # noqa: E402
 from .receiver import MalformedCounter, Receiver  # noqa: E402
+from .rest import RestApi  # noqa: E402
 from .ring import RingBuffer  # noqa: E402
 from .simulator import Simulator  # noqa: E402
 from .caprobe import PROBE_HOST, PROBE_USER, CaProbe, probe_address  # noqa: E402
@@ -74,6 +75,13 @@ def image_pixels(text: str) -> int:
     return value
 
 
+def port_number(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
+    return value
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, object]:
     parser, split = template_arg_parser(
         default_prefix="SFBW:", supported_async_libs=["asyncio"],
@@ -111,6 +119,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, object]:
                         help="pixels IMAGE:ARRAY may have; a larger frame is binned by the "
                              "smallest integer factor that fits (default and most: "
                              f"{live.IMAGE_ARRAY_LENGTH}, the PV's length)")
+    parser.add_argument("--rest-port", type=port_number, metavar="PORT",
+                        help="serve the predecessor's (sf_bsread_writer's) REST API on "
+                             "this port; it has no access control (default: off)")
+    parser.add_argument("--rest-host", default="127.0.0.1", metavar="HOST",
+                        help="address the REST API listens on (default: 127.0.0.1)")
     parser.add_argument("--write-db", type=Path, metavar="FILE",
                         help="write the PV list as an EPICS database file and exit")
     return parser, split
@@ -178,8 +191,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                             ioc.STATE.pvname, watchdog.beat)
             probe.start()
 
-        await server.run(log_pv_names=run_options["log_pv_names"],
-                         startup_hook=start_probe if watchdog is not None else None)
+        rest = RestApi(ioc, controller) if args.rest_port else None
+        if rest is not None:
+            try:
+                await rest.start(args.rest_host, args.rest_port)
+            except OSError as error:
+                raise RestUnavailable(f"cannot serve the REST API on {args.rest_host}:"
+                                      f"{args.rest_port}: {error}") from error
+        try:
+            await server.run(log_pv_names=run_options["log_pv_names"],
+                             startup_hook=start_probe if watchdog is not None else None)
+        finally:
+            if rest is not None:
+                await rest.stop()
 
     log.info("IOC %s serving %d PVs; files go to %s", args.prefix, len(ioc.pvdb),
              controller.output_root)
@@ -194,6 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if not stop_requested.is_set():
             raise
+    except RestUnavailable as error:
+        log.critical("%s", error)
+        status = 1
     except Exception:
         log.critical("the Channel Access server failed", exc_info=True)
         status = 1
@@ -225,6 +252,10 @@ def _access_security(args: argparse.Namespace) -> access.AccessConfig | None:
                          f"{PROBE_HOST}) reading STATE, in ASG {access.DEFAULT}: allow it, "
                          f"or give --watchdog-seconds 0")
     return config
+
+
+class RestUnavailable(Exception):
+    """The REST API cannot listen where it was told to: start-up fails."""
 
 
 def _stop_on_signals() -> threading.Event:
