@@ -247,6 +247,11 @@ class AcquisitionController:
         return replace(status, written=acquisition.writer.rows,
                        file_bytes=acquisition.file_bytes)
 
+    def busy(self) -> bool:
+        """True while an acquisition is being started or runs (WAITING to CLOSING)."""
+        with self._lock:
+            return self._starting or self._active is not None
+
     def shutdown(self, timeout: float = 30.0) -> None:
         """Complete a running acquisition with what has arrived, then end the thread."""
         with self._lock:
@@ -291,6 +296,9 @@ class AcquisitionController:
                             start_time=time.time() if start_pulse_id is None else None)
 
     def _start_message(self, acquisition: _Acquisition, target: Path) -> str:
+        return self._range_message(acquisition, target) + self._selection_note(acquisition)
+
+    def _range_message(self, acquisition: _Acquisition, target: Path) -> str:
         start = acquisition.start_pulse_id
         if start is None:
             return f"writing {target} from the next message"
@@ -299,6 +307,18 @@ class AcquisitionController:
             return (f"start {start} is older than the buffer: pulses {start}..{oldest - 1} "
                     f"are gone, writing {target} from {oldest}")
         return f"writing {target} from pulse {start}"
+
+    def _selection_note(self, acquisition: _Acquisition) -> str:
+        """Patterns that match no channel of the stream now: not refused, the channel
+        may appear later, but the operator should know."""
+        if acquisition.selection is None:
+            return ""
+        newest = self._ring.newest()
+        names = [spec.name for spec in newest.header.channels] if newest is not None else []
+        unmatched = acquisition.selection.unmatched(names)
+        if not unmatched:
+            return ""
+        return f"; no channel of the stream matches {', '.join(unmatched)}"
 
     @staticmethod
     def _check_stop(acquisition: _Acquisition, stop_pulse_id: int) -> None:

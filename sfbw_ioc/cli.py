@@ -17,13 +17,16 @@ from typing import Sequence  # noqa: E402
 
 import asyncio  # noqa: E402
 
+import zmq  # noqa: E402
+
 from caproto import AccessRights  # noqa: E402
 from caproto.asyncio.server import Context  # noqa: E402
 from caproto.server import template_arg_parser  # noqa: E402
 
 from . import access, epicsdb, live, memory  # noqa: E402
 from .acquisition import AcquisitionController  # noqa: E402
-from .ioc import Backend, SfbwIOC  # noqa: E402
+from .forward import Forwarder  # noqa: E402
+from .ioc import ALIASED_WRITER, DEFAULT_WRITERS, Backend, check_stream_address, ioc_class  # noqa: E402
 from .receiver import MalformedCounter, Receiver  # noqa: E402
 from .rest import RestApi  # noqa: E402
 from .ring import RingBuffer  # noqa: E402
@@ -124,6 +127,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, object]:
                              "this port; it has no access control (default: off)")
     parser.add_argument("--rest-host", default="127.0.0.1", metavar="HOST",
                         help="address the REST API listens on (default: 127.0.0.1)")
+    parser.add_argument("--writers", type=positive_int, default=DEFAULT_WRITERS,
+                        help="independent writers sharing the buffer, with their PVs "
+                             "under W1:, W2:, ...; writer 1's also without W1: "
+                             f"(default: {DEFAULT_WRITERS})")
+    parser.add_argument("--output-port", type=port_number, metavar="PORT",
+                        help="re-publish every intact message received, parts unchanged, "
+                             "on this port (default: off)")
+    parser.add_argument("--output-mode", choices=("pub", "push"), default="pub",
+                        help="ZeroMQ pattern of --output-port (default: pub)")
     parser.add_argument("--write-db", type=Path, metavar="FILE",
                         help="write the PV list as an EPICS database file and exit")
     return parser, split
@@ -133,10 +145,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser, split = build_parser()
     args = parser.parse_args(argv)
     if args.write_db:
-        args.write_db.write_text(epicsdb.render(SfbwIOC))
+        args.write_db.write_text(epicsdb.render(ioc_class(args.writers), aliased=ALIASED_WRITER))
         return 0
     if not (args.stream or args.simulate):
         parser.error("give --stream tcp://host:port or --simulate")
+    if args.stream:
+        try:
+            check_stream_address(args.stream)
+        except ValueError as error:
+            parser.error(str(error))
     ioc_options, run_options = split(args)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -165,15 +182,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     trimmer = memory.HeapTrimmer()
     ring = RingBuffer(args.buffer_length, args.buffer_bytes)
     malformed = MalformedCounter()
-    receiver = Receiver(stream, ring, malformed, mode=mode)
-    controller = AcquisitionController(ring, malformed, args.output_root, args.pulse_rate)
-    backend = Backend(ring, receiver, malformed, controller, stream, args.image_max_pixels)
-    ioc = SfbwIOC(backend=backend, **ioc_options)
+    try:
+        forwarder = (Forwarder(args.output_port, args.output_mode)
+                     if args.output_port else None)
+    except zmq.ZMQError as error:
+        log.critical("cannot re-publish on port %s: %s", args.output_port, error)
+        return 1
+    receiver = Receiver(stream, ring, malformed, mode=mode, forward=forwarder)
+    controllers = tuple(AcquisitionController(ring, malformed, args.output_root, args.pulse_rate)
+                        for _ in range(args.writers))
+    backend = Backend(ring, receiver, malformed, controllers, args.image_max_pixels, forwarder)
+    ioc = ioc_class(args.writers)(backend=backend, **ioc_options)
     if access_config is not None:
         access.apply(access_config, ioc.pvdb)
 
     receiver.start()
-    controller.start_thread()
+    for controller in controllers:
+        controller.start_thread()
     trimmer.start()
     stop_requested = _stop_on_signals()
     watchdog = Watchdog(args.watchdog_seconds) if args.watchdog_seconds else None
@@ -188,10 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             nonlocal probe
             assert watchdog is not None
             probe = CaProbe(probe_address(next(iter(server.tcp_sockets)), server.port),
-                            ioc.STATE.pvname, watchdog.beat)
+                            ioc.first_writer.STATE.pvname, watchdog.beat)
             probe.start()
 
-        rest = RestApi(ioc, controller) if args.rest_port else None
+        rest = RestApi(ioc.first_writer, controllers[0]) if args.rest_port else None
         if rest is not None:
             try:
                 await rest.start(args.rest_host, args.rest_port)
@@ -206,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 await rest.stop()
 
     log.info("IOC %s serving %d PVs; files go to %s", args.prefix, len(ioc.pvdb),
-             controller.output_root)
+             controllers[0].output_root)
     status = 0
     try:
         if watchdog is not None:
@@ -230,9 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             watchdog.stop()
         if probe is not None:
             probe.stop()
-        # A running acquisition is completed with what has arrived before exiting.
-        controller.shutdown()
+        # Running acquisitions are completed with what has arrived before exiting.
+        for controller in controllers:
+            controller.shutdown()
         receiver.stop()
+        if forwarder is not None:
+            forwarder.close()
         trimmer.stop()
         if simulator is not None:
             simulator.stop()

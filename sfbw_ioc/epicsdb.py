@@ -27,7 +27,7 @@ def record_fields(pv) -> dict[str, str]:
             fields["EGU"] = options["units"]
     elif spec.record == "bo":
         fields["ZNAM"], fields["ONAM"] = options["enum_strings"]
-    elif spec.record == "mbbi":
+    elif spec.record in ("mbbi", "mbbo"):
         fields.update(zip(_MBB_FIELDS, options["enum_strings"]))
     elif spec.record == "waveform":
         fields["FTVL"] = _FTVL[spec.dtype]
@@ -46,14 +46,20 @@ def pv_name(group: type[PVGroup], attr: str) -> str:
     return prefixes + (group._pvs_[attr].pvspec.name or last)
 
 
-def render(group: type[PVGroup], prefix_macro: str = "$(P)") -> str:
-    """The database text for every PV of ``group``, in definition order."""
+def render(group: type[PVGroup], prefix_macro: str = "$(P)",
+           aliased: str | None = None) -> str:
+    """The database text for every PV of ``group``, in definition order; the PVs of its
+    SubGroup ``aliased`` also get an alias without that SubGroup's prefix."""
     lines = [f"# Generated from {group.__module__}.{group.__qualname__}: "
              "python -m sfbw_ioc.cli --write-db db/sfbw.db", ""]
     for attr, pv in group._pvs_.items():
-        lines.append(f'record({pv.pvspec.record}, "{prefix_macro}{pv_name(group, attr)}") {{')
+        name = pv_name(group, attr)
+        lines.append(f'record({pv.pvspec.record}, "{prefix_macro}{name}") {{')
         for field, value in record_fields(pv).items():
             escaped = value.replace("\\", "\\\\").replace('"', '\\"')
             lines.append(f'    field({field}, "{escaped}")')
         lines.append("}")
+        if aliased is not None and attr.startswith(aliased + "."):
+            alias = name[len(group._subgroups_[aliased].prefix):]
+            lines.append(f'alias("{prefix_macro}{name}", "{prefix_macro}{alias}")')
     return "\n".join(lines) + "\n"

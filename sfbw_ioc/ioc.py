@@ -1,34 +1,43 @@
-"""The PV layer: a caproto PVGroup in front of the receiver, the ring and the acquisitions.
+"""The PV layer: a caproto PVGroup in front of the receiver, the ring and the writers.
 
-The asyncio loop never touches the disk or the socket: commands go to the
-``AcquisitionController`` through an executor, status changes come back through a
-thread-safe queue, and statistics are sampled from plain counters twice a second.
+The IOC's own PVs are the stream's (address, channels, receiver and ring statistics)
+and the live view's; each writer is a ``WriterPVs`` SubGroup (``W1:``, ``W2:``, ...).
+Writer 1's PVs are also served without their ``W1:`` (the same PV under a second name,
+an EPICS alias), so the unprefixed PVs of a one-writer IOC keep working.
+
+The asyncio loop never touches the disk or the socket: commands go to the threads
+through executors and futures, statistics are sampled from plain counters twice a second.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
+import re
 import time
-import concurrent.futures
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from caproto import AlarmSeverity, AlarmStatus, ChannelType
+from caproto import ChannelType
 from caproto.server import PVGroup, SubGroup, pvproperty
 
-from .acquisition import AcquisitionController, AcquisitionError, State, Status
+from .acquisition import AcquisitionController
+from .bsread import DataHeader
+from .forward import Forwarder
 from .live import DEFAULT_IMAGE_MAX_PIXELS, LiveImage, LiveSlot, LiveView, rate_pv
-from .pvs import PutRejected, _command_pv, _pulse_id_pv, _stat_pv, _text_pv
-from .receiver import MalformedCounter, Receiver
+from .pvs import PutRejected, _stat_pv, _text_pv, write_if_changed
+from .receiver import MODES, MalformedCounter, Receiver
 from .ring import RingBuffer
+from .writerpvs import WriterPVs
 
 log = logging.getLogger(__name__)
 
 STATS_PERIOD_S = 0.5
-# Pulse ids travel as float64 (Channel Access has no 64-bit integer): exact below 2**53.
-MAX_PULSE_ID = 2**53
+DEFAULT_WRITERS = 2
+ALIASED_WRITER = "W1"  # served without its prefix as well
+STREAM_CHANNELS_LENGTH = 262_144
+_STREAM_ADDRESS = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
+_SWITCH_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,36 +47,32 @@ class Backend:
     ring: RingBuffer
     receiver: Receiver
     malformed: MalformedCounter
-    controller: AcquisitionController
-    stream: str
+    controllers: tuple[AcquisitionController, ...]
     image_max_pixels: int = DEFAULT_IMAGE_MAX_PIXELS
+    forwarder: Forwarder | None = None
+
+
+def check_stream_address(address: str) -> None:
+    """ValueError unless ``address`` is tcp://host:port (ZeroMQ connects to it later,
+    whether anybody serves it or not)."""
+    match = _STREAM_ADDRESS.fullmatch(address)
+    if match is None or not 0 < int(match[2]) < 65536:
+        raise ValueError(f"{address!r} is not a stream address: tcp://host:port")
 
 
 class SfbwIOC(PVGroup):
-    """SwissFEL bsread buffer and writer."""
+    """SwissFEL bsread buffer and writer (its writers are added by ``ioc_class``)."""
 
-    # ---- acquisition control ---------------------------------------------------------
-    OUTPUT_FILE = _text_pv("HDF5 file, relative to the output root", alarm_group="OUTPUT_FILE")
-    USER = _text_pv("Written to /general/user", max_length=256, alarm_group="USER")
-    PROCESS = _text_pv("Written to /general/process", max_length=256,
-                       alarm_group="PROCESS")
-    INSTRUMENT = _text_pv("Written to /general/instrument", max_length=256,
-                          alarm_group="INSTRUMENT")
-    START_PULSE_ID = _pulse_id_pv("First pulse id to write", alarm_group="START_PULSE_ID")
-    STOP_PULSE_ID = _pulse_id_pv("Last pulse id to write", alarm_group="STOP_PULSE_ID")
-    START_NOW = _command_pv("Start with the next message")
-    STOP_NOW = _command_pv("Stop after the last message")
-    ABORT = _command_pv("Stop at once, close file")
-
-    # ---- state -----------------------------------------------------------------------
-    STATE = pvproperty(value="IDLE", dtype=ChannelType.ENUM,
-                       enum_strings=tuple(state.name for state in State), record="mbbi",
-                       read_only=True, alarm_group="state", doc="Acquisition state")
-    MESSAGE = _text_pv("Last event or error", read_only=True, alarm_group="state")
-    LAST_FILE = _text_pv("Last completed file", read_only=True, alarm_group="state")
+    # ---- the stream ------------------------------------------------------------------
     OUTPUT_ROOT = _text_pv("Directory files are written in", read_only=True,
                            alarm_group="state")
-    STREAM = _text_pv("bsread stream address", read_only=True, alarm_group="state")
+    STREAM = _text_pv("bsread stream address", alarm_group="STREAM")
+    STREAM_MODE = pvproperty(value="PULL", dtype=ChannelType.ENUM, enum_strings=("PULL", "SUB"),
+                             record="mbbo", doc="ZeroMQ pattern of the stream",
+                             alarm_group="STREAM_MODE")
+    STREAM_CHANNELS = _text_pv("Channels of the stream, a line each", read_only=True,
+                               max_length=STREAM_CHANNELS_LENGTH, alarm_group="state")
+    STREAM_CHANNEL_COUNT = _stat_pv("Channels of the stream")
 
     # ---- statistics (sampled, never per message) -------------------------------------
     RECEIVED = _stat_pv("Messages received")
@@ -78,10 +83,7 @@ class SfbwIOC(PVGroup):
     BUFFER_COUNT = _stat_pv("Messages in the buffer")
     BUFFER_BYTES = _stat_pv("Bytes in the buffer", units="B")
     BUFFER_OLDEST_PULSE_ID = _stat_pv("Oldest buffered pulse id")
-    WRITTEN = _stat_pv("Messages in current file")
-    MISSING = _stat_pv("Pulses missing in range")
-    LOST = _stat_pv("Messages lost by writer")
-    FILE_BYTES = _stat_pv("Size of current file", units="B")
+    FORWARD_DROPPED = _stat_pv("Messages not re-published")
 
     # ---- live view (sfbw_ioc/live.py) ------------------------------------------------
     LIVE1 = SubGroup(LiveSlot, prefix="LIVE1:")
@@ -98,59 +100,45 @@ class SfbwIOC(PVGroup):
     def __init__(self, *args: Any, backend: Backend, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.backend = backend
+        self.writers = [group for group in self.groups.values() if isinstance(group, WriterPVs)]
+        if len(self.writers) != len(backend.controllers):
+            raise ValueError(f"{len(self.writers)} writer groups for "
+                             f"{len(backend.controllers)} controllers: use ioc_class()")
+        self._stream_lock = asyncio.Lock()
+        for writer, controller in zip(self.writers, backend.controllers):
+            writer.attach(controller, self._stream_lock)
+        self.first_writer: WriterPVs = self.groups[ALIASED_WRITER]
+        self._alias_first_writer()
         self._rate_sample: tuple[float, int] | None = None
-        self._published_version = -1
-        self._publish_lock = asyncio.Lock()
+        self._shown_header: DataHeader | None = None
         slots = [self.LIVE1, self.LIVE2, self.LIVE3, self.LIVE4,
                  self.LIVE5, self.LIVE6, self.LIVE7, self.LIVE8]
-        self.live = LiveView(backend.ring, slots, self.IMAGE, self.MESSAGE.write,
+        self.live = LiveView(backend.ring, slots, self.IMAGE, self.first_writer.MESSAGE.write,
                              backend.image_max_pixels)
 
-    # ---- start-up: status changes from the writer thread -----------------------------
+    def _alias_first_writer(self) -> None:
+        writer_prefix = self.first_writer.prefix
+        for name, pv in list(self.first_writer.pvdb.items()):
+            self.pvdb[self.prefix + name[len(writer_prefix):]] = pv
 
-    @STATE.startup
-    async def STATE(self, instance, async_lib) -> None:
-        loop = asyncio.get_running_loop()
-        queue = async_lib.ThreadsafeQueue()
+    # ---- start-up --------------------------------------------------------------------
 
-        def on_change(status: Status) -> None:
-            # After the server stopped (SIGTERM), the file being closed must not fail
-            # because nobody is left to publish its status.
-            try:
-                loop.call_soon_threadsafe(queue.put, status)
-            except RuntimeError:  # the loop is closed
-                pass
-
-        self.backend.controller.set_on_change(on_change)
+    @OUTPUT_ROOT.startup
+    async def OUTPUT_ROOT(self, instance, async_lib) -> None:
         await self._fill_record_fields()
-        await self.OUTPUT_ROOT.write(str(self.backend.controller.output_root))
-        await self.STREAM.write(self.backend.stream)
-        while True:
-            await self._publish_status(await queue.async_get())
+        await self.OUTPUT_ROOT.write(str(self.backend.controllers[0].output_root))
+        receiver = self.backend.receiver
+        await self.STREAM.write(receiver.address, verify_value=False)
+        await self.STREAM_MODE.write(receiver.mode.upper(), verify_value=False)
 
     async def _fill_record_fields(self) -> None:
         """caproto links PREC to a PV's precision, but not DESC to its doc nor EGU to
         its units: archiver and alarm configurations read those fields."""
-        for pv in self.attr_pvdb.values():
+        for pv in {id(pv): pv for pv in self.pvdb.values()}.values():
             fields = pv.field_inst
             await fields.description.write(pv.__doc__ or "")
             if getattr(pv, "units", "") and hasattr(fields, "engineering_units"):
                 await fields.engineering_units.write(pv.units)
-
-    async def _publish_status(self, status: Status) -> None:
-        # Putters and the queue both publish; one at a time, and never an older status.
-        async with self._publish_lock:
-            if status.version < self._published_version:
-                return
-            self._published_version = status.version
-            error = status.state is State.ERROR
-            await self.STATE.write(
-                status.state.name,
-                status=AlarmStatus.STATE if error else AlarmStatus.NO_ALARM,
-                severity=AlarmSeverity.MAJOR_ALARM if error else AlarmSeverity.NO_ALARM)
-            await self._write_if_changed(self.MESSAGE, status.message)
-            await self._write_if_changed(self.LAST_FILE, status.last_file)
-            await self._publish_acquisition_figures(status)
 
     @LIVE_RATE.startup
     async def LIVE_RATE(self, instance, async_lib) -> None:
@@ -160,78 +148,49 @@ class SfbwIOC(PVGroup):
     async def LIVE_RATE(self, instance, value: float) -> float:
         return await self.live.set_rate(value)
 
-    # ---- control hooks ---------------------------------------------------------------
+    # ---- changing the stream ---------------------------------------------------------
 
-    @OUTPUT_FILE.putter
-    async def OUTPUT_FILE(self, instance, value: str) -> str:
-        await self._command(self.backend.controller.resolve_output, value)
-        return value
-
-    @START_PULSE_ID.putter
-    async def START_PULSE_ID(self, instance, value: float) -> float:
-        await self._start(await self._pulse_id(value, "START_PULSE_ID"))
-        return value
-
-    @STOP_PULSE_ID.putter
-    async def STOP_PULSE_ID(self, instance, value: float) -> float:
-        done = await self._command(self.backend.controller.stop,
-                                   await self._pulse_id(value, "STOP_PULSE_ID"))
-        await self._until_closed(done)
-        return value
-
-    @START_NOW.putter
-    async def START_NOW(self, instance, value: str) -> str:
-        if value != "Done":
-            await self._start(None)
-        return "Done"
-
-    @STOP_NOW.putter
-    async def STOP_NOW(self, instance, value: str) -> str:
-        if value != "Done":
-            await self._until_closed(await self._command(self.backend.controller.stop, None))
-        return "Done"
-
-    @ABORT.putter
-    async def ABORT(self, instance, value: str) -> str:
-        if value != "Done":
-            await self._until_closed(await self._command(self.backend.controller.abort))
-        return "Done"
-
-    async def _pulse_id(self, value: float, name: str) -> int:
-        if not math.isfinite(value) or value < 0 or value >= MAX_PULSE_ID or value != int(value):
-            await self._reject(f"{name} must be a whole number from 0 to 2**53, "
-                               f"not {float(value)}")
-        return int(value)
-
-    async def _start(self, start_pulse_id: int | None) -> None:
-        general = {"user": self.USER.value, "process": self.PROCESS.value,
-                   "instrument": self.INSTRUMENT.value}
-        await self._command(self.backend.controller.start, start_pulse_id,
-                            self.OUTPUT_FILE.value, general)
-
-    async def _command(self, function: Callable[..., Any], *args: Any) -> Any:
-        """Run a controller command off the loop; a refusal fails the put with a reason."""
-        loop = asyncio.get_running_loop()
+    @STREAM.putter
+    async def STREAM(self, instance, value: str) -> str:
         try:
-            result = await loop.run_in_executor(None, function, *args)
-        except AcquisitionError as error:
+            check_stream_address(value)
+        except ValueError as error:
             await self._reject(str(error))
-        # When the put completes, the state PVs already tell its outcome.
-        await self._publish_status(self.backend.controller.status())
-        return result
+        await self._change_stream(value, self.STREAM_MODE.value)
+        return value
 
-    async def _until_closed(self, done: concurrent.futures.Future) -> None:
-        """Hold a put-with-callback until the file is on disk (a failure fails the put)."""
-        try:
-            await asyncio.wrap_future(done)
-        except AcquisitionError as error:
-            raise PutRejected(str(error)) from error
-        finally:
-            await self._publish_status(self.backend.controller.status())
+    @STREAM_MODE.putter
+    async def STREAM_MODE(self, instance, value: str) -> str:
+        await self._change_stream(self.STREAM.value, value)
+        return value
+
+    async def _change_stream(self, address: str, mode: str) -> None:
+        """Reconnect the receiver; refused while any writer is busy, since the ring is
+        emptied (another stream's messages must never land in a file as this one's)."""
+        async with self._stream_lock:
+            busy = [writer.prefix.rstrip(":") for writer in self.writers
+                    if writer.controller is not None and writer.controller.busy()]
+            if busy:
+                await self._reject(f"cannot change the stream while {', '.join(busy)} "
+                                   f"{'is' if len(busy) == 1 else 'are'} acquiring: "
+                                   "STOP or ABORT first")
+            mode = mode.lower()
+            if mode not in MODES:
+                await self._reject(f"stream mode must be one of PULL, SUB, not {mode!r}")
+            switched = self.backend.receiver.reconnect(address, mode)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(switched), _SWITCH_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                await self._reject("the receiver did not take the new stream in time")
+            self._shown_header = None
+            await self._publish_stream_channels()
+            message = f"stream changed to {address} ({mode}); the buffer was emptied"
+            log.info("%s", message)
+            await self.first_writer.MESSAGE.write(message)
 
     async def _reject(self, reason: str) -> typing.NoReturn:
         log.warning("put refused: %s", reason)
-        await self.MESSAGE.write(reason)
+        await self.first_writer.MESSAGE.write(reason)
         raise PutRejected(reason)
 
     # ---- statistics ------------------------------------------------------------------
@@ -241,21 +200,29 @@ class SfbwIOC(PVGroup):
         backend = self.backend
         received = backend.receiver.stats()
         ring = backend.ring.stats()
-        await self._write_if_changed(self.RECEIVED, received.received)
-        await self._write_if_changed(self.RECEIVE_RATE, self._rate(received.received))
-        await self._write_if_changed(self.LAST_PULSE_ID, received.last_pulse_id or 0)
-        await self._write_if_changed(self.MALFORMED, backend.malformed.total)
-        await self._write_if_changed(self.PULSE_ID_ANOMALIES, received.pulse_id_anomalies)
-        await self._write_if_changed(self.BUFFER_COUNT, ring.count)
-        await self._write_if_changed(self.BUFFER_BYTES, ring.nbytes)
-        await self._write_if_changed(self.BUFFER_OLDEST_PULSE_ID, ring.oldest_pulse_id or 0)
-        await self._publish_acquisition_figures(backend.controller.status())
+        await write_if_changed(self.RECEIVED, received.received)
+        await write_if_changed(self.RECEIVE_RATE, self._rate(received.received))
+        await write_if_changed(self.LAST_PULSE_ID, received.last_pulse_id or 0)
+        await write_if_changed(self.MALFORMED, backend.malformed.total)
+        await write_if_changed(self.PULSE_ID_ANOMALIES, received.pulse_id_anomalies)
+        await write_if_changed(self.BUFFER_COUNT, ring.count)
+        await write_if_changed(self.BUFFER_BYTES, ring.nbytes)
+        await write_if_changed(self.BUFFER_OLDEST_PULSE_ID, ring.oldest_pulse_id or 0)
+        if backend.forwarder is not None:
+            await write_if_changed(self.FORWARD_DROPPED, backend.forwarder.dropped)
+        await self._publish_stream_channels()
+        for writer in self.writers:
+            await writer.publish_figures(writer.controller.status())
 
-    async def _publish_acquisition_figures(self, status: Status) -> None:
-        await self._write_if_changed(self.WRITTEN, status.written)
-        await self._write_if_changed(self.MISSING, status.missing)
-        await self._write_if_changed(self.LOST, status.lost)
-        await self._write_if_changed(self.FILE_BYTES, status.file_bytes)
+    async def _publish_stream_channels(self) -> None:
+        newest = self.backend.ring.newest()
+        header = newest.header if newest is not None else None
+        if header is self._shown_header:
+            return
+        self._shown_header = header
+        names = [spec.name for spec in header.channels] if header is not None else []
+        await write_if_changed(self.STREAM_CHANNELS, _lines_that_fit(names))
+        await write_if_changed(self.STREAM_CHANNEL_COUNT, len(names))
 
     def _rate(self, received: int) -> float:
         now = time.monotonic()
@@ -264,7 +231,21 @@ class SfbwIOC(PVGroup):
             return 0.0
         return (received - previous[1]) / (now - previous[0])
 
-    @staticmethod
-    async def _write_if_changed(pv, value: Any) -> None:
-        if pv.value != value:
-            await pv.write(value)
+
+def ioc_class(writers: int = DEFAULT_WRITERS) -> type[SfbwIOC]:
+    """The IOC with ``writers`` writer SubGroups ``W1:`` ... (declared, as every PV)."""
+    if writers < 1:
+        raise ValueError("the IOC needs at least one writer")
+    groups = {f"W{n}": SubGroup(WriterPVs, prefix=f"W{n}:", doc=f"Writer {n}")
+              for n in range(1, writers + 1)}
+    return type("SfbwIOC", (SfbwIOC,), {"__module__": __name__,
+                                        "__doc__": SfbwIOC.__doc__, **groups})
+
+
+def _lines_that_fit(names: list[str]) -> str:
+    """The names a line each, as many as fit the PV (whole lines only)."""
+    text = "\n".join(names)
+    if len(text.encode()) <= STREAM_CHANNELS_LENGTH:
+        return text
+    cut = text.encode()[:STREAM_CHANNELS_LENGTH].decode(errors="ignore")
+    return cut[:cut.rfind("\n")]

@@ -16,8 +16,8 @@ def _pulse_id_pv(doc: str, read_only: bool = False, **kwargs: Any) -> pvproperty
 
 
 def _text_pv(doc: str, read_only: bool = False, max_length: int = PATH_LENGTH,
-             **kwargs: Any) -> pvproperty:
-    return pvproperty(value="", dtype=ChannelType.CHAR, max_length=max_length,
+             value: str = "", **kwargs: Any) -> pvproperty:
+    return pvproperty(value=value, dtype=ChannelType.CHAR, max_length=max_length,
                       string_encoding="utf-8", record="waveform",
                       read_only=read_only, doc=doc, **kwargs)
 
@@ -35,3 +35,9 @@ def _stat_pv(doc: str, units: str = "", precision: int = 0) -> pvproperty:
 
 class PutRejected(Exception):
     """Raised from a putter so the client gets a put failure; the text is in MESSAGE."""
+
+
+async def write_if_changed(pv, value: Any) -> None:
+    """Write ``value`` unless the PV has it already: no monitor update for nothing."""
+    if pv.value != value:
+        await pv.write(value)

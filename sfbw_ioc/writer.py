@@ -479,7 +479,7 @@ class FileWriter:
         if batch_rows < 1:
             raise ValueError(f"batch_rows must be positive, not {batch_rows}")
         self.target = Path(target)
-        self.partial = self.target.with_name(self.target.name + ".partial")
+        self.partial = partial_path(self.target)
         for path in (self.target, self.partial):
             if os.path.lexists(path):
                 raise FileExistsError(errno.EEXIST, "refusing to overwrite", str(path))
@@ -697,6 +697,11 @@ class FileWriter:
             if isinstance(exc, RuntimeError):
                 raise _os_error(f"HDF5 {action} failed: {exc}", self.partial) from exc
             raise
+
+
+def partial_path(target: Path) -> Path:
+    """Where the file for ``target`` is written until it is complete."""
+    return target.with_name(target.name + ".partial")
 
 
 def _write_general(h5: h5py.File, general: Mapping[str, str], created: str) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from harness import REPO, IocProcess, poll, unique_prefix
 from sfbw_ioc import epicsdb
-from sfbw_ioc.ioc import SfbwIOC
+from sfbw_ioc.ioc import ioc_class
 
 DB_FILE = REPO / "db" / "sfbw.db"
 PANEL = REPO / "db" / "sfbw.bob"
@@ -28,6 +28,7 @@ PHOEBUS_WIDGETS = {
 }
 RECORD = re.compile(r'^record\((\w+), "\$\(P\)([^"]+)"\)', re.M)
 FIELD = re.compile(r'field\((\w+), "([^"]*)"\)')
+ALIAS = re.compile(r'^alias\("\$\(P\)([^"]+)", "\$\(P\)([^"]+)"\)', re.M)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_the_db_file_is_generated_from_the_pv_definitions(tmp_path):
 
 
 def test_every_desc_fits_the_epics_field():
-    for name, fields in _records(epicsdb.render(SfbwIOC)).items():
+    for name, fields in _records(epicsdb.render(ioc_class())).items():
         assert 0 < len(fields["DESC"]) <= epicsdb.DESC_LENGTH, name
 
 
@@ -123,10 +124,13 @@ def test_the_panel_image_takes_its_size_from_the_ioc():
 
 
 def _records(db_text: str) -> dict[str, dict[str, str]]:
+    """Record name -> fields; an alias is listed under its name with its record's fields."""
     records = {}
     for block in db_text.split("record(")[1:]:
         match = RECORD.match("record(" + block)
         records[match.group(2)] = dict(FIELD.findall(block))
+    for record, alias in ALIAS.findall(db_text):
+        records[alias] = records[record]
     return records
 
 

@@ -116,8 +116,10 @@ def utf8(ioc, name: str) -> str:
 
 
 def general(path: Path) -> dict[str, str]:
+    """The predecessor's /general/* (not /general/channels, the selection it never had)."""
     with h5py.File(path) as f:
-        return {key: f["general"][key][()].decode() for key in f["general"]}
+        return {key: f["general"][key][()].decode() for key in f["general"]
+                if key != "channels"}
 
 
 # First in the module: pulse ids 0..30 are the stream's first, as in the predecessor's test.

@@ -1,0 +1,290 @@
+"""The PVs of one writer (``W1:``, ``W2:``, ...) in front of its AcquisitionController:
+acquisition control, file naming, channel selection, state and figures.
+
+Every writer is the same caproto SubGroup; the IOC declares as many as ``--writers``.
+Commands run in an executor (opening a file touches the disk), status changes come back
+from the writer thread through a thread-safe queue.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import typing
+from functools import partial
+from typing import Any, Callable
+
+from caproto import AlarmSeverity, AlarmStatus, ChannelType
+from caproto.server import PVGroup, pvproperty
+
+from . import naming
+from .acquisition import AcquisitionController, AcquisitionError, State, Status
+from .pvs import PutRejected, _command_pv, _pulse_id_pv, _stat_pv, _text_pv, write_if_changed
+from .selection import ChannelSelection
+from .writer import partial_path
+
+log = logging.getLogger(__name__)
+
+# Pulse ids travel as float64 (Channel Access has no 64-bit integer): exact below 2**53.
+MAX_PULSE_ID = 2**53
+CHANNELS_LENGTH = 65536
+# How far START looks for a file number whose file does not exist yet.
+_NUMBERS_TRIED = 100_000
+
+
+class WriterPVs(PVGroup):
+    """One writer: a file at a time, from a start to a stop pulse id."""
+
+    # ---- acquisition control ---------------------------------------------------------
+    OUTPUT_FILE = _text_pv("HDF5 file, relative to the output root", alarm_group="OUTPUT_FILE")
+    USER = _text_pv("Written to /general/user", max_length=256, alarm_group="USER")
+    PROCESS = _text_pv("Written to /general/process", max_length=256,
+                       alarm_group="PROCESS")
+    INSTRUMENT = _text_pv("Written to /general/instrument", max_length=256,
+                          alarm_group="INSTRUMENT")
+    START_PULSE_ID = _pulse_id_pv("First pulse id to write", alarm_group="START_PULSE_ID")
+    STOP_PULSE_ID = _pulse_id_pv("Last pulse id to write", alarm_group="STOP_PULSE_ID")
+    START_NOW = _command_pv("Start with the next message")
+    STOP_NOW = _command_pv("Stop after the last message")
+    ABORT = _command_pv("Stop at once, close file")
+
+    # ---- file naming (areaDetector's) and channel selection --------------------------
+    FILE_PATH = _text_pv("Directory, relative to output root", alarm_group="FILE_PATH")
+    FILE_NAME = _text_pv("File name, before its number", max_length=256,
+                         alarm_group="FILE_NAME")
+    FILE_NUMBER = pvproperty(value=0, dtype=int, record="longout",
+                             doc="Number of the next file", alarm_group="FILE_NUMBER")
+    FILE_TEMPLATE = _text_pv("printf of path, name, number", max_length=256,
+                             value=naming.DEFAULT_TEMPLATE, alarm_group="FILE_TEMPLATE")
+    AUTO_INCREMENT = pvproperty(value="Yes", dtype=ChannelType.ENUM, enum_strings=("No", "Yes"),
+                                record="bo", doc="Next file number after each file",
+                                alarm_group="AUTO_INCREMENT")
+    CHANNELS = _text_pv("Channels to write; empty: all", max_length=CHANNELS_LENGTH,
+                        alarm_group="CHANNELS")
+
+    # ---- state -----------------------------------------------------------------------
+    STATE = pvproperty(value="IDLE", dtype=ChannelType.ENUM,
+                       enum_strings=tuple(state.name for state in State), record="mbbi",
+                       read_only=True, alarm_group="state", doc="Acquisition state")
+    MESSAGE = _text_pv("Last event or error", read_only=True, alarm_group="state")
+    LAST_FILE = _text_pv("Last completed file", read_only=True, alarm_group="state")
+    WRITTEN = _stat_pv("Messages in current file")
+    MISSING = _stat_pv("Pulses missing in range")
+    LOST = _stat_pv("Messages lost by writer")
+    FILE_BYTES = _stat_pv("Size of current file", units="B")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.controller: AcquisitionController | None = None
+        self._start_guard: asyncio.Lock | None = None
+        self._published_version = -1
+        self._publish_lock = asyncio.Lock()
+        self._composed = False  # OUTPUT_FILE is the naming PVs' (not a direct put)
+        self._running_composed = False  # ... and was so when the running file started
+        self._counted_file = ""  # the last completed file FILE_NUMBER has counted
+
+    def attach(self, controller: AcquisitionController, start_guard: asyncio.Lock) -> None:
+        """Drive ``controller``; START holds ``start_guard``, which a change of stream
+        takes too, so that no file starts on a stream being replaced."""
+        self.controller = controller
+        self._start_guard = start_guard
+
+    @property
+    def _control(self) -> AcquisitionController:
+        assert self.controller is not None, "attach() the writer first"
+        return self.controller
+
+    # ---- start-up: status changes from the writer thread -----------------------------
+
+    @STATE.startup
+    async def STATE(self, instance, async_lib) -> None:
+        loop = asyncio.get_running_loop()
+        queue = async_lib.ThreadsafeQueue()
+
+        def on_change(status: Status) -> None:
+            # After the server stopped (SIGTERM), the file being closed must not fail
+            # because nobody is left to publish its status.
+            try:
+                loop.call_soon_threadsafe(queue.put, status)
+            except RuntimeError:  # the loop is closed
+                pass
+
+        self._control.set_on_change(on_change)
+        while True:
+            await self.publish_status(await queue.async_get())
+
+    async def publish_status(self, status: Status) -> None:
+        # Putters and the queue both publish; one at a time, and never an older status.
+        async with self._publish_lock:
+            if status.version < self._published_version:
+                return
+            self._published_version = status.version
+            error = status.state is State.ERROR
+            await self.STATE.write(
+                status.state.name,
+                status=AlarmStatus.STATE if error else AlarmStatus.NO_ALARM,
+                severity=AlarmSeverity.MAJOR_ALARM if error else AlarmSeverity.NO_ALARM)
+            await write_if_changed(self.MESSAGE, status.message)
+            await write_if_changed(self.LAST_FILE, status.last_file)
+            await self.publish_figures(status)
+            if status.last_file != self._counted_file:
+                self._counted_file = status.last_file
+                # Under the lock: a STOP's put-callback returns with the next name set.
+                if self._running_composed and self.AUTO_INCREMENT.value == "Yes":
+                    await self._set_number(self.FILE_NUMBER.value + 1)
+
+    async def publish_figures(self, status: Status) -> None:
+        await write_if_changed(self.WRITTEN, status.written)
+        await write_if_changed(self.MISSING, status.missing)
+        await write_if_changed(self.LOST, status.lost)
+        await write_if_changed(self.FILE_BYTES, status.file_bytes)
+
+    # ---- control hooks ---------------------------------------------------------------
+
+    @OUTPUT_FILE.putter
+    async def OUTPUT_FILE(self, instance, value: str) -> str:
+        await self._command(self._control.resolve_output, value)
+        self._composed = False
+        return value
+
+    @START_PULSE_ID.putter
+    async def START_PULSE_ID(self, instance, value: float) -> float:
+        await self._start(await self._pulse_id(value, "START_PULSE_ID"))
+        return value
+
+    @STOP_PULSE_ID.putter
+    async def STOP_PULSE_ID(self, instance, value: float) -> float:
+        done = await self._command(self._control.stop,
+                                   await self._pulse_id(value, "STOP_PULSE_ID"))
+        await self._until_closed(done)
+        return value
+
+    @START_NOW.putter
+    async def START_NOW(self, instance, value: str) -> str:
+        if value != "Done":
+            await self._start(None)
+        return "Done"
+
+    @STOP_NOW.putter
+    async def STOP_NOW(self, instance, value: str) -> str:
+        if value != "Done":
+            await self._until_closed(await self._command(self._control.stop, None))
+        return "Done"
+
+    @ABORT.putter
+    async def ABORT(self, instance, value: str) -> str:
+        if value != "Done":
+            await self._until_closed(await self._command(self._control.abort))
+        return "Done"
+
+    # ---- file naming hooks: each put composes OUTPUT_FILE anew -------------------------
+
+    @FILE_PATH.putter
+    async def FILE_PATH(self, instance, value: str) -> str:
+        await self._compose(path=value)
+        return value
+
+    @FILE_NAME.putter
+    async def FILE_NAME(self, instance, value: str) -> str:
+        await self._compose(name=value)
+        return value
+
+    @FILE_NUMBER.putter
+    async def FILE_NUMBER(self, instance, value: int) -> int:
+        if value < 0:
+            await self._reject(f"FILE_NUMBER must be 0 or more, not {value}")
+        await self._compose(number=value)
+        return value
+
+    @FILE_TEMPLATE.putter
+    async def FILE_TEMPLATE(self, instance, value: str) -> str:
+        await self._compose(template=value)
+        return value
+
+    @AUTO_INCREMENT.putter
+    async def AUTO_INCREMENT(self, instance, value: str) -> str:
+        await self._compose()
+        return value
+
+    def _naming(self, **changes: Any) -> dict[str, Any]:
+        """The naming PVs' values, with a put's value that is not stored yet."""
+        return {"template": self.FILE_TEMPLATE.value, "path": self.FILE_PATH.value,
+                "name": self.FILE_NAME.value, "number": self.FILE_NUMBER.value, **changes}
+
+    async def _compose(self, **changes: Any) -> None:
+        fields = self._naming(**changes)
+        try:
+            name = naming.compose(**fields)
+        except naming.TemplateError as error:
+            await self._reject(str(error))
+        # Inside the root; an existing file is refused only by START (or skipped).
+        await self._command(partial(self._control.resolve_output, must_be_new=False), name)
+        await self.OUTPUT_FILE.write(name, verify_value=False)
+        self._composed = True
+
+    async def _set_number(self, number: int) -> None:
+        """FILE_NUMBER and the OUTPUT_FILE it composes (template, path and name were
+        checked when they were put: a number cannot lead out of the root)."""
+        name = naming.compose(**self._naming(number=number))
+        await self.FILE_NUMBER.write(number, verify_value=False)
+        await self.OUTPUT_FILE.write(name, verify_value=False)
+
+    def _first_free_number(self) -> int:
+        """The first FILE_NUMBER from the current one whose file does not exist (nor its
+        .partial): after a restart the numbers begin again, the files must not."""
+        fields = self._naming()
+        for number in range(fields["number"], fields["number"] + _NUMBERS_TRIED):
+            target = self._control.resolve_output(
+                naming.compose(**{**fields, "number": number}), must_be_new=False)
+            if not (target.exists() or partial_path(target).exists()):
+                return number
+        raise AcquisitionError(f"no free file number among the {_NUMBERS_TRIED} from "
+                               f"{fields['number']}")
+
+    # ---- helpers of the hooks ----------------------------------------------------------
+
+    async def _pulse_id(self, value: float, name: str) -> int:
+        if not math.isfinite(value) or value < 0 or value >= MAX_PULSE_ID or value != int(value):
+            await self._reject(f"{name} must be a whole number from 0 to 2**53, "
+                               f"not {float(value)}")
+        return int(value)
+
+    async def _start(self, start_pulse_id: int | None) -> None:
+        assert self._start_guard is not None
+        async with self._start_guard:
+            composed = self._composed
+            if composed and self.AUTO_INCREMENT.value == "Yes":
+                number = await self._command(self._first_free_number)
+                if number != self.FILE_NUMBER.value:
+                    await self._set_number(number)
+            general = {"user": self.USER.value, "process": self.PROCESS.value,
+                       "instrument": self.INSTRUMENT.value, "channels": self.CHANNELS.value}
+            await self._command(self._control.start, start_pulse_id, self.OUTPUT_FILE.value,
+                                general, ChannelSelection.parse(self.CHANNELS.value))
+            self._running_composed = composed
+
+    async def _command(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Run a controller command off the loop; a refusal fails the put with a reason."""
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(None, function, *args)
+        except AcquisitionError as error:
+            await self._reject(str(error))
+        # When the put completes, the state PVs already tell its outcome.
+        await self.publish_status(self._control.status())
+        return result
+
+    async def _until_closed(self, done: concurrent.futures.Future) -> None:
+        """Hold a put-with-callback until the file is on disk (a failure fails the put)."""
+        try:
+            await asyncio.wrap_future(done)
+        except AcquisitionError as error:
+            raise PutRejected(str(error)) from error
+        finally:
+            await self.publish_status(self._control.status())
+
+    async def _reject(self, reason: str) -> typing.NoReturn:
+        log.warning("put refused: %s", reason)
+        await self.MESSAGE.write(reason)
+        raise PutRejected(reason)
