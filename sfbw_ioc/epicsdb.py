@@ -8,11 +8,14 @@ from __future__ import annotations
 from caproto import ChannelType
 from caproto.server import PVGroup
 
+from .pvs import TextData
+
 # mbbi state-string fields, in EPICS order.
 _MBB_FIELDS = ("ZRST", "ONST", "TWST", "THST", "FRST", "FVST", "SXST", "SVST",
                "EIST", "NIST", "TEST", "ELST", "TVST", "TTST", "FTST", "FFST")
 # A waveform's element type, from the pvproperty's dtype.
-_FTVL = {ChannelType.CHAR: "CHAR", float: "DOUBLE", ChannelType.FLOAT: "FLOAT"}
+_FTVL = {ChannelType.CHAR: "CHAR", TextData: "CHAR", float: "DOUBLE",
+         ChannelType.FLOAT: "FLOAT"}
 DESC_LENGTH = 40  # DESC is a 41-byte string field in EPICS base
 
 

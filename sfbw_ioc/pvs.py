@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from caproto import ChannelType
-from caproto.server import pvproperty
+from caproto import ChannelType, SubscriptionType
+from caproto.server import PvpropertyChar, pvproperty
 
 PATH_LENGTH = 1024
 
@@ -15,9 +15,21 @@ def _pulse_id_pv(doc: str, read_only: bool = False, **kwargs: Any) -> pvproperty
                       read_only=read_only, doc=doc, **kwargs)
 
 
+class TextData(PvpropertyChar):
+    """A writable text PV (CHAR waveform) that takes the empty string: caproto 1.3 fails
+    to convert a put of "" (its CHAR conversion hands numpy an empty str), and a client
+    could then never clear a text such as CHANNELS or USER."""
+
+    async def write_from_dbr(self, data, data_type, metadata, *, flags=0):
+        if data_type == ChannelType.CHAR and not bytes(data).strip(b"\0"):
+            flags |= SubscriptionType.DBE_LOG | SubscriptionType.DBE_VALUE
+            return await self.write("", flags=flags)
+        return await super().write_from_dbr(data, data_type, metadata, flags=flags)
+
+
 def _text_pv(doc: str, read_only: bool = False, max_length: int = PATH_LENGTH,
              value: str = "", **kwargs: Any) -> pvproperty:
-    return pvproperty(value=value, dtype=ChannelType.CHAR, max_length=max_length,
+    return pvproperty(value=value, dtype=ChannelType.CHAR if read_only else TextData, max_length=max_length,
                       string_encoding="utf-8", record="waveform",
                       read_only=read_only, doc=doc, **kwargs)
 

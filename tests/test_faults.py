@@ -4,6 +4,7 @@ writer that falls behind, a stalled event loop. Every IOC is a subprocess on a r
 port, every source a real ZeroMQ socket, every file read back with h5py."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import itertools
 import json
@@ -451,6 +452,26 @@ def test_an_ioc_out_of_file_descriptors_is_deaf_and_exits_70(iocs, tmp_path):
         source.close()
 
 
+def _shrink_pipe(fd: int, size: int) -> bool:
+    """F_SETPIPE_SZ to ``size``, after reading what the start-up logged: the kernel
+    refuses (EBUSY) to shrink a pipe below what it holds."""
+    os.set_blocking(fd, False)
+    try:
+        while os.read(fd, 65536):
+            pass
+    except BlockingIOError:
+        pass
+    finally:
+        os.set_blocking(fd, True)
+    try:
+        fcntl.fcntl(fd, 1031, size)
+    except OSError as error:
+        if error.errno != errno.EBUSY:
+            raise
+        return False
+    return True
+
+
 def test_a_stalled_event_loop_makes_the_ioc_exit_70(iocs, tmp_path):
     """A log pipe nobody reads (a stalled journald, a hung terminal) fills; the next log
     line from the event loop blocks it for good: CA goes deaf, the process lives on.
@@ -460,7 +481,7 @@ def test_a_stalled_event_loop_makes_the_ioc_exit_70(iocs, tmp_path):
                 "--watchdog-seconds", "2"], stdout=subprocess.PIPE)
     pipe = ioc.process.stdout
     try:
-        fcntl.fcntl(pipe.fileno(), 1031, 4096)  # F_SETPIPE_SZ: fill it fast
+        poll(lambda: _shrink_pipe(pipe.fileno(), 4096), what="a small pipe")  # fills fast
         deadline = time.monotonic() + 30
         deaf_seen = False
         while ioc.process.poll() is None:
