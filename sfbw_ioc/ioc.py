@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import concurrent.futures
 import typing
@@ -19,38 +18,14 @@ from caproto import AlarmSeverity, AlarmStatus, ChannelType
 from caproto.server import PVGroup, pvproperty
 
 from .acquisition import AcquisitionController, AcquisitionError, State, Status
+from .pvs import command_pv as _command_pv, pulse_id_error, pulse_id_pv as _pulse_id_pv
+from .pvs import stat_pv as _stat_pv, text_pv as _text_pv
 from .receiver import MalformedCounter, Receiver
 from .ring import RingBuffer
 
 log = logging.getLogger(__name__)
 
 STATS_PERIOD_S = 0.5
-PATH_LENGTH = 1024
-# Pulse ids travel as float64 (Channel Access has no 64-bit integer): exact below 2**53.
-MAX_PULSE_ID = 2**53
-
-
-def _pulse_id_pv(doc: str, read_only: bool = False, **kwargs: Any) -> pvproperty:
-    return pvproperty(value=0.0, dtype=float, precision=0, record="ai" if read_only else "ao",
-                      read_only=read_only, doc=doc, **kwargs)
-
-
-def _text_pv(doc: str, read_only: bool = False, max_length: int = PATH_LENGTH,
-             **kwargs: Any) -> pvproperty:
-    return pvproperty(value="", dtype=ChannelType.CHAR, max_length=max_length,
-                      string_encoding="utf-8", record="waveform",
-                      read_only=read_only, doc=doc, **kwargs)
-
-
-def _command_pv(doc: str) -> pvproperty:
-    return pvproperty(value="Done", dtype=ChannelType.ENUM, enum_strings=("Done", "Do"),
-                      record="bo", doc=doc)
-
-
-def _stat_pv(doc: str, units: str = "", precision: int = 0) -> pvproperty:
-    # float64 rather than LONG: counters and byte sizes outgrow int32 on a 24/7 IOC.
-    return pvproperty(value=0.0, dtype=float, precision=precision, units=units, record="ai",
-                      read_only=True, alarm_group="stats", doc=doc)
 
 
 class PutRejected(Exception):
@@ -199,9 +174,9 @@ class SfbwIOC(PVGroup):
         return "Done"
 
     async def _pulse_id(self, value: float, name: str) -> int:
-        if not math.isfinite(value) or value < 0 or value >= MAX_PULSE_ID or value != int(value):
-            await self._reject(f"{name} must be a whole number from 0 to 2**53, "
-                               f"not {float(value)}")
+        error = pulse_id_error(value, name)
+        if error is not None:
+            await self._reject(error)
         return int(value)
 
     async def _start(self, start_pulse_id: int | None) -> None:

@@ -1,0 +1,42 @@
+"""PV definitions shared by the IOC and the group IOC: one look for the same kind of PV."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from caproto import ChannelType
+from caproto.server import pvproperty
+
+PATH_LENGTH = 1024
+# Pulse ids travel as float64 (Channel Access has no 64-bit integer): exact below 2**53.
+MAX_PULSE_ID = 2**53
+
+
+def pulse_id_pv(doc: str, read_only: bool = False, **kwargs: Any) -> pvproperty:
+    return pvproperty(value=0.0, dtype=float, precision=0, record="ai" if read_only else "ao",
+                      read_only=read_only, doc=doc, **kwargs)
+
+
+def text_pv(doc: str, read_only: bool = False, max_length: int = PATH_LENGTH,
+            **kwargs: Any) -> pvproperty:
+    return pvproperty(value="", dtype=ChannelType.CHAR, max_length=max_length,
+                      string_encoding="utf-8", record="waveform",
+                      read_only=read_only, doc=doc, **kwargs)
+
+
+def command_pv(doc: str) -> pvproperty:
+    return pvproperty(value="Done", dtype=ChannelType.ENUM, enum_strings=("Done", "Do"),
+                      record="bo", doc=doc)
+
+
+def stat_pv(doc: str, units: str = "", precision: int = 0) -> pvproperty:
+    # float64 rather than LONG: counters and byte sizes outgrow int32 on a 24/7 IOC.
+    return pvproperty(value=0.0, dtype=float, precision=precision, units=units, record="ai",
+                      read_only=True, alarm_group="stats", doc=doc)
+
+
+def pulse_id_error(value: float, name: str) -> str | None:
+    """Why ``value`` is not a pulse id (None when it is one)."""
+    if not math.isfinite(value) or value < 0 or value >= MAX_PULSE_ID or value != int(value):
+        return f"{name} must be a whole number from 0 to 2**53, not {float(value)}"
+    return None
