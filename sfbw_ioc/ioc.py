@@ -19,7 +19,7 @@ from caproto.server import PVGroup, pvproperty
 
 from .acquisition import AcquisitionController, AcquisitionError, State, Status
 from .pvs import command_pv as _command_pv, pulse_id_error, pulse_id_pv as _pulse_id_pv
-from .pvs import stat_pv as _stat_pv, text_pv as _text_pv
+from .pvs import fill_record_fields, stat_pv as _stat_pv, text_pv as _text_pv, write_if_changed
 from .receiver import MalformedCounter, Receiver
 from .ring import RingBuffer
 
@@ -113,13 +113,7 @@ class SfbwIOC(PVGroup):
             await self._publish_status(await queue.async_get())
 
     async def _fill_record_fields(self) -> None:
-        """caproto links PREC to a PV's precision, but not DESC to its doc nor EGU to
-        its units: archiver and alarm configurations read those fields."""
-        for pv in self.attr_pvdb.values():
-            fields = pv.field_inst
-            await fields.description.write(pv.__doc__ or "")
-            if getattr(pv, "units", "") and hasattr(fields, "engineering_units"):
-                await fields.engineering_units.write(pv.units)
+        await fill_record_fields(self)
 
     async def _publish_status(self, status: Status) -> None:
         # Putters and the queue both publish; one at a time, and never an older status.
@@ -240,7 +234,4 @@ class SfbwIOC(PVGroup):
             return 0.0
         return (received - previous[1]) / (now - previous[0])
 
-    @staticmethod
-    async def _write_if_changed(pv, value: Any) -> None:
-        if pv.value != value:
-            await pv.write(value)
+    _write_if_changed = staticmethod(write_if_changed)

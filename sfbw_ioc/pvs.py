@@ -5,7 +5,7 @@ import math
 from typing import Any
 
 from caproto import ChannelType
-from caproto.server import pvproperty
+from caproto.server import PVGroup, PvpropertyData, pvproperty
 
 PATH_LENGTH = 1024
 # Pulse ids travel as float64 (Channel Access has no 64-bit integer): exact below 2**53.
@@ -40,3 +40,18 @@ def pulse_id_error(value: float, name: str) -> str | None:
     if not math.isfinite(value) or value < 0 or value >= MAX_PULSE_ID or value != int(value):
         return f"{name} must be a whole number from 0 to 2**53, not {float(value)}"
     return None
+
+
+async def fill_record_fields(group: PVGroup) -> None:
+    """caproto links PREC to a PV's precision, but not DESC to its doc nor EGU to its
+    units: archiver and alarm configurations read those fields."""
+    for pv in group.attr_pvdb.values():
+        fields = pv.field_inst
+        await fields.description.write(pv.__doc__ or "")
+        if getattr(pv, "units", "") and hasattr(fields, "engineering_units"):
+            await fields.engineering_units.write(pv.units)
+
+
+async def write_if_changed(pv: PvpropertyData, value: Any) -> None:
+    if pv.value != value:
+        await pv.write(value)

@@ -87,19 +87,20 @@ def caput_binary(*args: str, ca_timeout: int) -> subprocess.CompletedProcess:
 
 
 class IocProcess:
-    """``python -m sfbw_ioc.cli`` in a subprocess on its own CA port and prefix, optionally
-    behind ``wrapper`` (e.g. unshare) and with its output to ``stdout`` instead of the log;
-    plus pyepics helpers for its PVs."""
+    """``python -m sfbw_ioc.cli`` (or ``module``, e.g. the group IOC) in a subprocess on its
+    own CA port and prefix, optionally behind ``wrapper`` (e.g. unshare) and with its
+    output to ``stdout`` instead of the log; plus pyepics helpers for its PVs."""
 
     def __init__(self, port: int, prefix: str, args: list[str], log_path: Path,
-                 wrapper: Iterable[str] = (), stdout=None) -> None:
+                 wrapper: Iterable[str] = (), stdout=None,
+                 module: str = "sfbw_ioc.cli") -> None:
         self.port = port
         self.prefix = prefix
         self.log_path = log_path
         env = {**os.environ, **ioc_environment(port)}
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
-            [*wrapper, sys.executable, "-m", "sfbw_ioc.cli", "--prefix", prefix, *args],
+            [*wrapper, sys.executable, "-m", module, "--prefix", prefix, *args],
             env=env, stdout=stdout if stdout is not None else self._log,
             stderr=subprocess.STDOUT, cwd=REPO)
         try:
