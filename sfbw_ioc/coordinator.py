@@ -16,6 +16,7 @@ from typing import Awaitable, Callable, Mapping, Sequence
 from .acquisition import State
 from .master import ABSENT, FAILED, WRITTEN, MemberOutcome, write_master
 from .member import Member, MemberError, MemberRefused, MemberUnreachable
+from .writer import NOT_GIVEN
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,9 @@ class Coordinator:
         async def configure(run: _MemberRun) -> None:
             await run.member.put("OUTPUT_FILE", run.relative_file)
             for key in ("USER", "PROCESS", "INSTRUMENT"):
-                await run.member.put(key, general.get(key.lower(), ""))
+                # caproto's server fails an empty CHAR waveform put; the member writes
+                # NOT_GIVEN for an empty one anyway.
+                await run.member.put(key, general.get(key.lower()) or NOT_GIVEN)
         return configure
 
     def _start_member(self, start_pulse_id: int):

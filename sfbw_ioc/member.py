@@ -6,7 +6,7 @@ with callback, and monitors of STATE, LAST_FILE and LAST_PULSE_ID instead of pol
 caproto's asyncio client never reports a refused put: the server answers a failed
 put-with-callback with an ErrorResponse (ECA_PUTFAIL), which the client ignores, so the
 put would wait for its timeout. ``Client`` hands such an answer to the waiting put, and
-``Member.put`` raises ``MemberRefused`` with the member's MESSAGE, which says why.
+``Member.put`` raises ``MemberRefused`` with the reason the member gave.
 """
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ class Member:
             raise MemberUnreachable(f"{self.prefix} is not connected")
         pv = self._pvs[name]
         if isinstance(value, str):
-            value = value.encode() or b"\0"  # an empty CHAR waveform is not a value
+            value = value.encode()
         write = asyncio.ensure_future(pv.write(value, wait=True, timeout=timeout))
         # caproto would re-send the put once the member is back (a new IOC: never).
         gone = asyncio.ensure_future(self._disconnected.wait())
@@ -158,7 +158,7 @@ class Member:
         except (ca.CaprotoTimeoutError, ca.CaprotoError, OSError) as error:
             raise MemberUnreachable(f"{self.prefix}{name}: {error}") from error
         if isinstance(response, ca.ErrorResponse):
-            raise MemberRefused(f"{self.prefix} refused {name}: {await self.message()}")
+            raise MemberRefused(f"{self.prefix} refused {name}: {_reason(response)}")
 
     async def read(self, name: str) -> Any:
         if not self.connected:
@@ -176,6 +176,15 @@ class Member:
             return await self.read("MESSAGE")
         except MemberUnreachable as error:
             return f"(MESSAGE unreadable: {error})"
+
+
+def _reason(error: ca.ErrorResponse) -> str:
+    """The text of the exception the member's putter raised (its MESSAGE as well)."""
+    text = bytes(error.error_message).split(b"\0")[0].decode("utf-8", "replace")
+    for prefix in ("Python exception: PutRejected ", "Python exception: "):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
 
 
 def _python_value(name: str, data: Any) -> Any:

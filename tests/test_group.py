@@ -1,0 +1,211 @@
+"""sfbw-group end to end: three member IOCs on three real bsread sources with common
+pulse ids, the group IOC as a subprocess driving them over Channel Access, member files
+and the master's external links read back with h5py."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from pathlib import Path
+
+import epics
+import h5py
+import numpy as np
+import pytest
+
+from harness import (CHANNELS, BsreadSource, IocProcess, assert_rows, caput_binary, poll,
+                     unique_prefix)
+
+PULSE_PERIOD_S = 0.01
+FIRST_PULSE_ID = 20_000_000_000  # above 2**31, as at SwissFEL
+
+
+def member_channels(index: int):
+    """Each member's stream has its own channel names (as SwissFEL's streams do)."""
+    return tuple(dataclasses.replace(spec, name=f"M{index}:{spec.name}") for spec in CHANNELS)
+
+
+class Streams(threading.Thread):
+    """Sends the same pulse id to every source every 10 ms (one timing system)."""
+
+    def __init__(self, sources: list[BsreadSource]) -> None:
+        super().__init__(daemon=True)
+        self.sources = sources
+        self.pulse_id = FIRST_PULSE_ID
+        self.silent: set[int] = set()  # sources whose member is gone: a PUSH would block
+        self._halted = threading.Event()
+
+    def run(self) -> None:
+        while not self._halted.wait(PULSE_PERIOD_S):
+            for index, source in enumerate(self.sources):
+                if index not in self.silent:
+                    source.send(self.pulse_id, channels=member_channels(index))
+            self.pulse_id += 1
+
+    def halt(self) -> None:
+        self._halted.set()
+        self.join()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, ca_ports):
+    logs = tmp_path_factory.mktemp("logs")
+    sources = [BsreadSource() for _ in range(3)]
+    streams = Streams(sources)
+    streams.start()
+    members, roots = [], []
+    for index, source in enumerate(sources):
+        roots.append(tmp_path_factory.mktemp(f"member{index}"))
+        members.append(IocProcess(ca_ports(), unique_prefix(f"GRPM{index}-"),
+                                  ["--stream", source.address, "--output-root",
+                                   str(roots[-1]), "--buffer-length", "1000"],
+                                  logs / f"member{index}.log"))
+    group_root = tmp_path_factory.mktemp("group")
+    member_args = [arg for m in members for arg in ("--member", m.prefix)]
+    group = IocProcess(ca_ports(), unique_prefix("GRP"),
+                       [*member_args, "--output-root", str(group_root)],
+                       logs / "group.log", module="sfbw_ioc.group_cli")
+    group.wait_for("MEMBERS_CONNECTED", 3)
+    yield group, members, roots, group_root, streams
+    streams.halt()
+    for ioc in (group, *members):
+        ioc.stop()
+    for source in sources:
+        source.close()
+
+
+@pytest.fixture
+def group(setup):
+    group = setup[0]
+    yield group
+    epics.caput(group.pv("ABORT"), 1, wait=True, timeout=30)
+
+
+def newest_pulse(setup) -> int:
+    """A pulse id every member has received, with 100 pulses before it in the rings."""
+    _, members, *_ = setup
+    poll(lambda: all(m.get("LAST_PULSE_ID") > FIRST_PULSE_ID + 100 for m in members),
+         what="every member receiving")
+    return int(min(m.get("LAST_PULSE_ID") for m in members))
+
+
+def member_file(setup, index: int, stem: str) -> Path:
+    _, members, roots, *_ = setup
+    return roots[index] / stem / f"{members[index].prefix.rstrip(':')}.h5"
+
+
+def acquire(group, name: str, start: int, stop: int) -> Path:
+    group.put("OUTPUT_FILE", name)
+    group.put("START_PULSE_ID", start)
+    group.put("STOP_PULSE_ID", stop)  # put-callback: done when the master is written
+    return Path(group.text("LAST_FILE"))
+
+
+def assert_group_files(setup, master: Path, stem: str, pulse_ids: list[int],
+                       members=(0, 1, 2)) -> None:
+    """Every member's file exact, and the master's links read the same data."""
+    with h5py.File(master, "r") as h5:
+        table = h5["general/members"][:]
+        for index in members:
+            path = member_file(setup, index, stem)
+            assert_rows(path, pulse_ids, channels=member_channels(index))
+            row = table[index]
+            assert row["file"].decode() == str(path)
+            assert row["status"].decode() == "written"
+            assert (row["written"], row["missing"], row["lost"]) == (len(pulse_ids), 0, 0)
+            with h5py.File(path, "r") as member:
+                for spec in member_channels(index):
+                    linked, own = h5[f"data/{spec.name}"], member[f"data/{spec.name}"]
+                    for key in ("data", "pulse_id", "is_data_present", "timestamp"):
+                        assert np.array_equal(linked[key][:], own[key][:]), (spec.name, key)
+
+
+def test_members_pv_lists_prefixes(setup):
+    group, members, *_ = setup
+    assert group.text("MEMBERS").split("\n") == [m.prefix for m in members]
+    assert group.get("MEMBERS_CONNECTED") == 3
+
+
+def test_acquisition_in_the_past(setup, group):
+    newest = newest_pulse(setup)
+    start, stop = newest - 80, newest - 20
+    master = acquire(group, "past/run1.h5", start, stop)
+    assert master == setup[3] / "past/run1.h5"
+    assert group.get("STATE") == 0
+    assert_group_files(setup, master, "past/run1", list(range(start, stop + 1)))
+    with h5py.File(master, "r") as h5:
+        assert h5["general/user"][()] == b"not given"
+
+
+def test_acquisition_in_the_future(setup, group):
+    group.put("USER", "p12345")
+    newest = newest_pulse(setup)
+    start, stop = newest + 30, newest + 90
+    group.put("OUTPUT_FILE", "future.h5")
+    group.put("START_PULSE_ID", start)
+    group.wait_for("STATE", 2)  # WRITING once every member writes
+    group.put("STOP_PULSE_ID", stop)
+    master = Path(group.text("LAST_FILE"))
+    assert_group_files(setup, master, "future", list(range(start, stop + 1)))
+    with h5py.File(master, "r") as h5:
+        assert h5["general/user"][()] == b"p12345"
+        assert h5["members"][setup[1][0].prefix.rstrip(":")]["general/user"][()] == b"p12345"
+    group.put("USER", "")
+
+
+def test_start_now_stop_now(setup, group):
+    group.put("OUTPUT_FILE", "now.h5")
+    group.put("START_NOW", 1)
+    group.wait_for("STATE", 2)
+    group.put("STOP_NOW", 1)
+    master = Path(group.text("LAST_FILE"))
+    assert master.name == "now.h5"
+    with h5py.File(member_file(setup, 0, "now"), "r") as first:
+        pulse_ids = first["data/M0:T:F64/pulse_id"][:].tolist()
+    assert len(pulse_ids) > 0
+    assert pulse_ids == list(range(pulse_ids[0], pulse_ids[-1] + 1))
+    assert_group_files(setup, master, "now", pulse_ids)  # the same pulses on every member
+
+
+def test_refused_start_changes_nothing(setup, group):
+    newest = newest_pulse(setup)
+    group.put("OUTPUT_FILE", "refused.h5")
+    # A stop before the start is refused by the group before any member is asked.
+    group.put("STOP_PULSE_ID", newest - 100)
+    assert caput_binary("-c", group.pv("START_PULSE_ID"), str(newest), ca_timeout=10).returncode == 1
+    assert "after the stop" in group.text("MESSAGE")
+    assert all(m.get("STATE") == 0 for m in setup[1])
+
+
+def test_member_killed_during_acquisition(setup, group):
+    _, members, *_ = setup
+    newest = newest_pulse(setup)
+    group.put("OUTPUT_FILE", "killed.h5")
+    group.put("START_PULSE_ID", newest - 10)
+    group.wait_for("STATE", 2)
+    setup[4].silent.add(2)
+    members[2].stop(sig=9)
+    group.wait_for("STATE", 4)  # ERROR
+    assert members[2].prefix in group.text("MESSAGE")
+    stop = newest + 40
+    assert caput_binary("-c", group.pv("STOP_PULSE_ID"), str(stop), ca_timeout=30).returncode == 1
+    master = Path(group.text("LAST_FILE"))
+    assert master.name == "killed.h5"
+    assert group.get("MEMBERS_CONNECTED") == 2
+    assert_group_files(setup, master, "killed", list(range(newest - 10, stop + 1)), (0, 1))
+    with h5py.File(master, "r") as h5:
+        row = h5["general/members"][2]
+        assert row["status"].decode() == "failed" and row["file"].decode() == ""
+        assert members[2].prefix in row["message"].decode()
+        assert "M2:T:F64" not in h5["data"]
+
+
+def test_member_gone_before_start_is_refused(setup, group):
+    _, members, roots, group_root, _ = setup  # members[2] was killed by the test before
+    group.put("OUTPUT_FILE", "gone.h5")
+    result = caput_binary("-c", group.pv("START_NOW"), "1", ca_timeout=10)
+    assert result.returncode == 1, result.stdout + result.stderr
+    message = group.text("MESSAGE")
+    assert members[2].prefix in message and "not connected" in message
+    assert group.get("STATE") == 4 or group.get("STATE") == 0
+    assert [m.get("STATE") for m in members[:2]] == [0, 0]  # nothing started anywhere
+    assert not any((root / "gone").exists() for root in roots) and not (group_root / "gone.h5").exists()
