@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 _STARTABLE = ("IDLE", "ERROR")  # member states from which a member can start
 _RUNNING = ("WAITING", "WRITING", "CLOSING")
+_DO = 1  # a command PV's "Do", as its enum index
 
 
 class GroupError(Exception):
@@ -128,7 +129,7 @@ class Coordinator:
         runs, refused = await self._each(runs, self._start_member(start_pulse_id))
         if refused and not self.allow_partial:
             await self._roll_back(runs)
-            rolled = f"; aborted again: {', '.join(r.member.prefix for r in runs)}" if runs else ""
+            rolled = f"; rolled back (ABORT): {', '.join(r.member.prefix for r in runs)}" if runs else ""
             raise GroupError(f"{refused[0].message}{rolled}")
         absent += refused
         if not runs:
@@ -211,7 +212,7 @@ class Coordinator:
         return done, refused
 
     async def _roll_back(self, runs: list[_MemberRun]) -> None:
-        results = await asyncio.gather(*(run.member.put("ABORT", "Do") for run in runs),
+        results = await asyncio.gather(*(run.member.put("ABORT", _DO) for run in runs),
                                        return_exceptions=True)
         for run, result in zip(runs, results):
             if isinstance(result, Exception):
@@ -244,7 +245,7 @@ class Coordinator:
         if run is None:
             return
         self._set(message="aborting")
-        await self._close_members(run, "ABORT", "Do")
+        await self._close_members(run, "ABORT", _DO)
         await self._until_done(run)
 
     async def _close_members(self, run: _Run, name: str, value) -> None:

@@ -22,7 +22,7 @@ from .pvs import (command_pv, fill_record_fields, pulse_id_error, pulse_id_pv, t
 
 log = logging.getLogger(__name__)
 
-MEMBERS_LENGTH = 65536
+MEMBERS_LENGTH = 8192  # prefixes of ~100 members
 
 
 class PutRejected(Exception):

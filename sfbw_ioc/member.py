@@ -132,7 +132,8 @@ class Member:
 
     async def _value_changed(self, subscription, response) -> None:
         name = subscription.pv.name[len(self.prefix):]
-        self.values[name] = _python_value(name, response.data)
+        # An empty CHAR waveform comes without a payload: no .data to decode.
+        self.values[name] = _python_value(name, response.data if response.data_count else ())
         self._on_change(self)
 
     async def put(self, name: str, value: Any, timeout: float | None = COMMAND_TIMEOUT_S) -> None:
@@ -168,7 +169,7 @@ class Member:
                                                   timeout=COMMAND_TIMEOUT_S)
         except (ca.CaprotoError, OSError) as error:
             raise MemberUnreachable(f"{self.prefix}{name}: {error}") from error
-        return _python_value(name, response.data)
+        return _python_value(name, response.data if response.data_count else ())
 
     async def message(self) -> str:
         """The member's MESSAGE (its reason for a refusal or failure), or why not."""
@@ -188,6 +189,8 @@ def _reason(error: ca.ErrorResponse) -> str:
 
 
 def _python_value(name: str, data: Any) -> Any:
+    if len(data) == 0:
+        return "" if name in _TEXT else None
     if name == "STATE":
         return State(int(data[0])).name  # an enum read natively is its index
     if name in _TEXT:

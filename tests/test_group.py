@@ -176,6 +176,39 @@ def test_refused_start_changes_nothing(setup, group):
     assert all(m.get("STATE") == 0 for m in setup[1])
 
 
+def test_member_refusing_its_file_refuses_the_start(setup, group):
+    _, members, roots, group_root, _ = setup
+    taken = member_file(setup, 1, "taken")
+    taken.parent.mkdir(parents=True)
+    taken.write_bytes(b"someone else's")
+    group.put("OUTPUT_FILE", "taken.h5")
+    assert caput_binary("-c", group.pv("START_NOW"), "1", ca_timeout=10).returncode == 1
+    message = group.text("MESSAGE")
+    assert members[1].prefix in message and "exists already" in message, message
+    assert [m.get("STATE") for m in members] == [0, 0, 0]  # nothing started anywhere
+    assert not member_file(setup, 0, "taken").exists()
+    assert not (group_root / "taken.h5").exists()
+
+
+def test_member_refusing_the_start_is_rolled_back(setup, group):
+    _, members, *_ = setup
+    newest = newest_pulse(setup)
+    members[2].put("STOP_PULSE_ID", newest - 50)  # kept by member 2 for its next start
+    group.put("OUTPUT_FILE", "rolled.h5")
+    assert caput_binary("-c", group.pv("START_PULSE_ID"), str(newest - 20),
+                        ca_timeout=10).returncode == 1
+    message = group.text("MESSAGE")
+    assert members[2].prefix in message and "after the stop" in message, message
+    assert "rolled back" in message
+    assert [m.get("STATE") for m in members] == [0, 0, 0]
+    assert group.get("STATE") == 0
+    assert not (setup[3] / "rolled.h5").exists()
+    # Member 2's own stop is consumed by a start on it.
+    members[2].put("OUTPUT_FILE", "own.h5")
+    members[2].put("START_PULSE_ID", newest - 50)
+    members[2].wait_for("STATE", 0, timeout=15)
+
+
 def test_member_killed_during_acquisition(setup, group):
     _, members, *_ = setup
     newest = newest_pulse(setup)
@@ -209,3 +242,26 @@ def test_member_gone_before_start_is_refused(setup, group):
     assert group.get("STATE") == 4 or group.get("STATE") == 0
     assert [m.get("STATE") for m in members[:2]] == [0, 0]  # nothing started anywhere
     assert not any((root / "gone").exists() for root in roots) and not (group_root / "gone.h5").exists()
+
+
+def test_allow_partial_starts_without_the_gone_member(setup, ca_ports, tmp_path):
+    _, members, _, _, _ = setup  # members[2] is gone
+    root = tmp_path / "partial-root"
+    partial = IocProcess(ca_ports(), unique_prefix("GRPP"),
+                         [*(a for m in members for a in ("--member", m.prefix)),
+                          "--output-root", str(root), "--allow-partial"],
+                         tmp_path / "partial.log", module="sfbw_ioc.group_cli")
+    try:
+        partial.wait_for("MEMBERS_CONNECTED", 2)
+        newest = newest_pulse((None, members[:2]))
+        start, stop = newest - 30, newest - 10
+        master = acquire(partial, "partial.h5", start, stop)
+        assert master == root / "partial.h5"
+        assert partial.get("STATE") == 0
+        assert_group_files(setup, master, "partial", list(range(start, stop + 1)), (0, 1))
+        with h5py.File(master, "r") as h5:
+            row = h5["general/members"][2]
+            assert row["status"].decode() == "absent"
+            assert members[2].prefix in row["message"].decode()
+    finally:
+        partial.stop()
