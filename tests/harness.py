@@ -2,11 +2,13 @@
 ZeroMQ socket, free ports, Channel Access clients and a poll with a deadline."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -248,6 +250,40 @@ class BsreadSource:
 
     def close(self) -> None:
         self._socket.close(linger=0)
+
+
+def member_channels(index: int, channels=CHANNELS) -> tuple[ChannelSpec, ...]:
+    """``channels`` named for stream ``index`` ("M<index>:..."): each stream of a group
+    has its own channel names, as SwissFEL's streams do."""
+    return tuple(dataclasses.replace(spec, name=f"M{index}:{spec.name}") for spec in channels)
+
+
+class CommonPulseStreams(threading.Thread):
+    """Sends the same pulse id to every source (one timing system numbers every stream),
+    source i with ``member_channels(i, channels)``, every ``period`` s."""
+
+    def __init__(self, sources: list[BsreadSource], first_pulse_id: int,
+                 channels=CHANNELS, period: float = 0.01) -> None:
+        super().__init__(daemon=True)
+        self.sources = sources
+        self.pulse_id = first_pulse_id
+        self.sent_at: dict[int, float] = {}  # pulse id -> time.monotonic() when sent
+        self.silent: set[int] = set()  # sources whose receiver is gone: a PUSH would block
+        self._channels = [member_channels(i, channels) for i in range(len(sources))]
+        self._period = period
+        self._halted = threading.Event()
+
+    def run(self) -> None:
+        while not self._halted.wait(self._period):
+            for index, source in enumerate(self.sources):
+                if index not in self.silent:
+                    source.send(self.pulse_id, channels=self._channels[index])
+            self.sent_at[self.pulse_id] = time.monotonic()
+            self.pulse_id += 1
+
+    def halt(self) -> None:
+        self._halted.set()
+        self.join()
 
 
 def read_file(path: Path) -> h5py.File:

@@ -3,8 +3,6 @@ pulse ids, the group IOC as a subprocess driving them over Channel Access, membe
 and the master's external links read back with h5py."""
 from __future__ import annotations
 
-import dataclasses
-import threading
 from pathlib import Path
 
 import epics
@@ -12,45 +10,17 @@ import h5py
 import numpy as np
 import pytest
 
-from harness import (CHANNELS, BsreadSource, IocProcess, assert_rows, caput_binary, poll,
-                     unique_prefix)
+from harness import (BsreadSource, CommonPulseStreams, IocProcess, assert_rows, caput_binary,
+                     member_channels, poll, unique_prefix)
 
-PULSE_PERIOD_S = 0.01
 FIRST_PULSE_ID = 20_000_000_000  # above 2**31, as at SwissFEL
-
-
-def member_channels(index: int):
-    """Each member's stream has its own channel names (as SwissFEL's streams do)."""
-    return tuple(dataclasses.replace(spec, name=f"M{index}:{spec.name}") for spec in CHANNELS)
-
-
-class Streams(threading.Thread):
-    """Sends the same pulse id to every source every 10 ms (one timing system)."""
-
-    def __init__(self, sources: list[BsreadSource]) -> None:
-        super().__init__(daemon=True)
-        self.sources = sources
-        self.pulse_id = FIRST_PULSE_ID
-        self.silent: set[int] = set()  # sources whose member is gone: a PUSH would block
-        self._halted = threading.Event()
-
-    def run(self) -> None:
-        while not self._halted.wait(PULSE_PERIOD_S):
-            for index, source in enumerate(self.sources):
-                if index not in self.silent:
-                    source.send(self.pulse_id, channels=member_channels(index))
-            self.pulse_id += 1
-
-    def halt(self) -> None:
-        self._halted.set()
-        self.join()
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, ca_ports):
     logs = tmp_path_factory.mktemp("logs")
     sources = [BsreadSource() for _ in range(3)]
-    streams = Streams(sources)
+    streams = CommonPulseStreams(sources, FIRST_PULSE_ID)
     streams.start()
     members, roots = [], []
     for index, source in enumerate(sources):
