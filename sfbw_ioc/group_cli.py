@@ -15,6 +15,7 @@ from typing import Sequence  # noqa: E402
 
 from caproto.server import run, template_arg_parser  # noqa: E402
 
+from .cli import configure_logging, prepare_output_root  # noqa: E402
 from .group import SfbwGroupIOC  # noqa: E402
 from .member import file_name  # noqa: E402
 
@@ -56,13 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_members(parser, args.member)
     ioc_options, run_options = split(args)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("caproto").propagate = False  # split() gave it a handler already
-    try:
-        args.output_root.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        log.critical("cannot use the output root %s: %s", args.output_root, error)
+    configure_logging(args.quiet)
+    if not prepare_output_root(args.output_root):
         return 1
     ioc = SfbwGroupIOC(members=args.member, output_root=args.output_root,
                        allow_partial=args.allow_partial, **ioc_options)
