@@ -113,35 +113,50 @@ class Coordinator:
 
     async def _start(self, start_pulse_id: int | None, output_file: str,
                      general: Mapping[str, str]) -> None:
-        master, stem = self.resolve_master(output_file)
+        master, stem = await self.check_master(output_file)
         ready, absent = self._ready_members()
         if start_pulse_id is None:
             start_pulse_id = self._newest_pulse_id(ready) + 1
         if self._pending_stop is not None and self._pending_stop < start_pulse_id:
             raise GroupError(f"start {start_pulse_id} is after the stop already set "
                              f"({self._pending_stop})")
-        runs = [_MemberRun(member, f"{stem}/{member.name}.h5",
-                           asyncio.get_running_loop().create_future()) for member in ready]
-        runs, refused = await self._each(runs, self._configure(general))
-        if refused and not self.allow_partial:
-            raise GroupError("; ".join(o.message for o in refused) + ": nothing started")
+        runs, refused = await self._start_members(ready, stem, start_pulse_id, general)
         absent += refused
-        runs, refused = await self._each(runs, self._start_member(start_pulse_id))
-        if refused and not self.allow_partial:
-            await self._roll_back(runs)
-            rolled = f"; rolled back (ABORT): {', '.join(r.member.prefix for r in runs)}" if runs else ""
-            raise GroupError(f"{refused[0].message}{rolled}")
-        absent += refused
-        if not runs:
-            raise GroupError("no member could start: " + "; ".join(o.message for o in absent))
         self._run = run = _Run(master, dict(general), start_pulse_id, runs, absent)
         self._spawn(self._finish(run))
-        missing = f" ({len(absent)} absent: {', '.join(o.prefix for o in absent)})" if absent else ""
+        missing = f" ({len(absent)} absent: {_names(absent)})" if absent else ""
         self._set(State.WAITING, f"{len(runs)} members writing from pulse {start_pulse_id} "
                                  f"for {master}{missing}")
         if self._pending_stop is not None:
             stop, self._pending_stop = self._pending_stop, None
             self._spawn(self.stop(stop))
+
+    async def check_master(self, output_file: str) -> tuple[Path, str]:
+        """``resolve_master`` off the loop: the output root may be a slow shared file system."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.resolve_master,
+                                                                output_file)
+
+    async def _start_members(self, ready: list[Member], stem: str, start_pulse_id: int,
+                             general: Mapping[str, str]
+                             ) -> tuple[list[_MemberRun], list[MemberOutcome]]:
+        """Configure, then start, every ready member: those started, and those left out
+        (only with --allow-partial; otherwise a refusal is a GroupError, rolled back)."""
+        loop = asyncio.get_running_loop()
+        runs = [_MemberRun(member, f"{stem}/{member.name}.h5", loop.create_future())
+                for member in ready]
+        runs, refused = await self._each(runs, self._configure(general))
+        if refused and not self.allow_partial:
+            raise GroupError("; ".join(o.message for o in refused) + ": nothing started")
+        absent = refused
+        runs, refused = await self._each(runs, self._start_member(start_pulse_id))
+        if refused and not self.allow_partial:
+            await self._roll_back(runs)
+            rolled = f"; rolled back (ABORT): {_names(r.member for r in runs)}" if runs else ""
+            raise GroupError(f"{refused[0].message}{rolled}")
+        absent += refused
+        if not runs:
+            raise GroupError("no member could start: " + "; ".join(o.message for o in absent))
+        return runs, absent
 
     def resolve_master(self, output_file: str) -> tuple[Path, str]:
         """The master's absolute path and the members' file stem (relative), or why not."""
@@ -371,3 +386,8 @@ class Coordinator:
                 self._set(message=str(error))
             else:
                 log.error("group task failed", exc_info=error)
+
+
+def _names(items) -> str:
+    """The prefixes of members or outcomes, for a message."""
+    return ", ".join(item.prefix for item in items)

@@ -107,7 +107,7 @@ class SfbwGroupIOC(PVGroup):
 
     @OUTPUT_FILE.putter
     async def OUTPUT_FILE(self, instance, value: str) -> str:
-        await self._command(_ready(self._require_coordinator().resolve_master, value))
+        await self._command(self._require_coordinator().check_master(value))
         return value
 
     @START_PULSE_ID.putter
@@ -166,7 +166,3 @@ class SfbwGroupIOC(PVGroup):
         await self._publish()
         raise PutRejected(reason)
 
-
-async def _ready(function, *args: Any) -> Any:
-    """A plain (quick, non-blocking) check as an awaitable, for ``_command``."""
-    return function(*args)

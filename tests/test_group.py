@@ -136,12 +136,26 @@ def test_start_now_stop_now(setup, group):
     assert_group_files(setup, master, "now", pulse_ids)  # the same pulses on every member
 
 
+def test_stop_set_before_the_start(setup, group):
+    newest = newest_pulse(setup)
+    start, stop = newest + 20, newest + 50
+    group.put("STOP_PULSE_ID", stop)  # idle: kept for the next START
+    assert "for the next start" in group.text("MESSAGE")
+    group.put("OUTPUT_FILE", "stop-first.h5")
+    group.put("START_PULSE_ID", start)
+    master = setup[3] / "stop-first.h5"
+    group.wait_for("LAST_FILE", str(master), timeout=15, as_string=True)
+    assert group.get("STATE") == 0
+    assert_group_files(setup, master, "stop-first", list(range(start, stop + 1)))
+
+
 def test_refused_start_changes_nothing(setup, group):
     newest = newest_pulse(setup)
     group.put("OUTPUT_FILE", "refused.h5")
     # A stop before the start is refused by the group before any member is asked.
     group.put("STOP_PULSE_ID", newest - 100)
-    assert caput_binary("-c", group.pv("START_PULSE_ID"), str(newest), ca_timeout=10).returncode == 1
+    refused = caput_binary("-c", group.pv("START_PULSE_ID"), str(newest), ca_timeout=10)
+    assert refused.returncode == 1
     assert "after the stop" in group.text("MESSAGE")
     assert all(m.get("STATE") == 0 for m in setup[1])
 
@@ -211,7 +225,8 @@ def test_member_gone_before_start_is_refused(setup, group):
     assert members[2].prefix in message and "not connected" in message
     assert group.get("STATE") == 4 or group.get("STATE") == 0
     assert [m.get("STATE") for m in members[:2]] == [0, 0]  # nothing started anywhere
-    assert not any((root / "gone").exists() for root in roots) and not (group_root / "gone.h5").exists()
+    assert not any((root / "gone").exists() for root in roots)
+    assert not (group_root / "gone.h5").exists()
 
 
 def test_allow_partial_starts_without_the_gone_member(setup, ca_ports, tmp_path):
