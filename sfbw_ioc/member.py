@@ -94,7 +94,6 @@ class Member:
         self._context = context
         self._on_change = on_change
         self._pvs: dict[str, Any] = {}
-        self._subscriptions: list[Any] = []
         self.values: dict[str, Any] = {}
         self.connected = False
         self._disconnected = asyncio.Event()
@@ -117,9 +116,7 @@ class Member:
         self._pvs["STATE"].connection_state_callback.add_callback(self._connection_changed,
                                                                   run=True)
         for name in _MONITORED:
-            subscription = self._pvs[name].subscribe(data_type="native")
-            subscription.add_callback(self._value_changed)
-            self._subscriptions.append(subscription)
+            self._pvs[name].subscribe(data_type="native").add_callback(self._value_changed)
 
     async def _connection_changed(self, pv, state: str) -> None:
         self.connected = state == "connected"
