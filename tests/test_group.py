@@ -250,3 +250,11 @@ def test_allow_partial_starts_without_the_gone_member(setup, ca_ports, tmp_path)
             assert members[2].prefix in row["message"].decode()
     finally:
         partial.stop()
+
+
+def test_members_with_the_same_file_name_are_refused(tmp_path):
+    from sfbw_ioc import group_cli
+    with pytest.raises(SystemExit) as exit_:
+        group_cli.main(["--member", "X:CAM:", "--member", "X_CAM:",
+                        "--output-root", str(tmp_path)])
+    assert exit_.value.code == 2
