@@ -32,6 +32,7 @@ setup(
         "console_scripts": [
             "sfbw-ioc = sfbw_ioc.cli:main",
             "sfbw-sim = sfbw_ioc.simulator:main",
+            "sfbw-group = sfbw_ioc.group_cli:main",
         ],
     },
 )

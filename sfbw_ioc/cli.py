@@ -141,6 +141,22 @@ def build_parser() -> tuple[argparse.ArgumentParser, object]:
     return parser, split
 
 
+def configure_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("caproto").propagate = False  # split() gave it a handler already
+
+
+def prepare_output_root(output_root: Path) -> bool:
+    """Create the output root; False (logged CRITICAL) when it cannot be used."""
+    try:
+        output_root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        log.critical("cannot use the output root %s: %s", output_root, error)
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser, split = build_parser()
     args = parser.parse_args(argv)
@@ -155,13 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as error:
             parser.error(str(error))
     ioc_options, run_options = split(args)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("caproto").propagate = False  # split() gave it a handler already
-    try:
-        args.output_root.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        log.critical("cannot use the output root %s: %s", args.output_root, error)
+    configure_logging(args.quiet)
+    if not prepare_output_root(args.output_root):
         return 1
     try:
         access_config = _access_security(args)

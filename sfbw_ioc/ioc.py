@@ -25,7 +25,7 @@ from .acquisition import AcquisitionController
 from .bsread import DataHeader
 from .forward import Forwarder
 from .live import DEFAULT_IMAGE_MAX_PIXELS, LiveImage, LiveSlot, LiveView, rate_pv
-from .pvs import PutRejected, _stat_pv, _text_pv, write_if_changed
+from .pvs import PutRejected, fill_record_fields, stat_pv, text_pv, write_if_changed
 from .receiver import MODES, MalformedCounter, Receiver
 from .ring import RingBuffer
 from .writerpvs import WriterPVs
@@ -64,26 +64,26 @@ class SfbwIOC(PVGroup):
     """SwissFEL bsread buffer and writer (its writers are added by ``ioc_class``)."""
 
     # ---- the stream ------------------------------------------------------------------
-    OUTPUT_ROOT = _text_pv("Directory files are written in", read_only=True,
+    OUTPUT_ROOT = text_pv("Directory files are written in", read_only=True,
                            alarm_group="state")
-    STREAM = _text_pv("bsread stream address", alarm_group="STREAM")
+    STREAM = text_pv("bsread stream address", alarm_group="STREAM")
     STREAM_MODE = pvproperty(value="PULL", dtype=ChannelType.ENUM, enum_strings=("PULL", "SUB"),
                              record="mbbo", doc="ZeroMQ pattern of the stream",
                              alarm_group="STREAM_MODE")
-    STREAM_CHANNELS = _text_pv("Channels of the stream, a line each", read_only=True,
+    STREAM_CHANNELS = text_pv("Channels of the stream, a line each", read_only=True,
                                max_length=STREAM_CHANNELS_LENGTH, alarm_group="state")
-    STREAM_CHANNEL_COUNT = _stat_pv("Channels of the stream")
+    STREAM_CHANNEL_COUNT = stat_pv("Channels of the stream")
 
     # ---- statistics (sampled, never per message) -------------------------------------
-    RECEIVED = _stat_pv("Messages received")
-    RECEIVE_RATE = _stat_pv("Receive rate", units="Hz", precision=1)
-    LAST_PULSE_ID = _stat_pv("Last pulse id received")
-    MALFORMED = _stat_pv("Malformed messages")
-    PULSE_ID_ANOMALIES = _stat_pv("Pulse id repeated or back")
-    BUFFER_COUNT = _stat_pv("Messages in the buffer")
-    BUFFER_BYTES = _stat_pv("Bytes in the buffer", units="B")
-    BUFFER_OLDEST_PULSE_ID = _stat_pv("Oldest buffered pulse id")
-    FORWARD_DROPPED = _stat_pv("Messages not re-published")
+    RECEIVED = stat_pv("Messages received")
+    RECEIVE_RATE = stat_pv("Receive rate", units="Hz", precision=1)
+    LAST_PULSE_ID = stat_pv("Last pulse id received")
+    MALFORMED = stat_pv("Malformed messages")
+    PULSE_ID_ANOMALIES = stat_pv("Pulse id repeated or back")
+    BUFFER_COUNT = stat_pv("Messages in the buffer")
+    BUFFER_BYTES = stat_pv("Bytes in the buffer", units="B")
+    BUFFER_OLDEST_PULSE_ID = stat_pv("Oldest buffered pulse id")
+    FORWARD_DROPPED = stat_pv("Messages not re-published")
 
     # ---- live view (sfbw_ioc/live.py) ------------------------------------------------
     LIVE1 = SubGroup(LiveSlot, prefix="LIVE1:")
@@ -125,20 +125,11 @@ class SfbwIOC(PVGroup):
 
     @OUTPUT_ROOT.startup
     async def OUTPUT_ROOT(self, instance, async_lib) -> None:
-        await self._fill_record_fields()
+        await fill_record_fields(self)
         await self.OUTPUT_ROOT.write(str(self.backend.controllers[0].output_root))
         receiver = self.backend.receiver
         await self.STREAM.write(receiver.address, verify_value=False)
         await self.STREAM_MODE.write(receiver.mode.upper(), verify_value=False)
-
-    async def _fill_record_fields(self) -> None:
-        """caproto links PREC to a PV's precision, but not DESC to its doc nor EGU to
-        its units: archiver and alarm configurations read those fields."""
-        for pv in {id(pv): pv for pv in self.pvdb.values()}.values():
-            fields = pv.field_inst
-            await fields.description.write(pv.__doc__ or "")
-            if getattr(pv, "units", "") and hasattr(fields, "engineering_units"):
-                await fields.engineering_units.write(pv.units)
 
     @LIVE_RATE.startup
     async def LIVE_RATE(self, instance, async_lib) -> None:

@@ -20,7 +20,7 @@ from caproto import EPICS2UNIX_EPOCH, AlarmSeverity, AlarmStatus, ChannelType
 from caproto.server import PVGroup, pvproperty
 
 from .bsread import NS_PER_SECOND, ChannelSpec, MalformedMessage, decode_value
-from .pvs import PutRejected, _pulse_id_pv, _text_pv
+from .pvs import PutRejected, pulse_id_pv, text_pv
 from .ring import RawMessage, RingBuffer
 
 log = logging.getLogger(__name__)
@@ -295,14 +295,14 @@ async def _set_alarm(pv, problem: str | None) -> bool:
 class LiveSlot(PVGroup):
     """One channel of the stream, as ``LIVEn:``."""
 
-    NAME = _text_pv("Channel to show (empty: off)", max_length=NAME_LENGTH,
+    NAME = text_pv("Channel to show (empty: off)", max_length=NAME_LENGTH,
                     alarm_group="NAME")
     VALUE = pvproperty(value=[0.0], dtype=float, max_length=MAX_VALUE_ELEMENTS,
                        record="waveform", read_only=True, alarm_group="VALUE",
                        doc="Value (a scalar: one element)")
-    TEXT = _text_pv("Value of a string channel", read_only=True, max_length=TEXT_LENGTH,
+    TEXT = text_pv("Value of a string channel", read_only=True, max_length=TEXT_LENGTH,
                     alarm_group="TEXT")
-    PULSE_ID = _pulse_id_pv("Pulse id of the value", read_only=True, alarm_group="PULSE_ID")
+    PULSE_ID = pulse_id_pv("Pulse id of the value", read_only=True, alarm_group="PULSE_ID")
     TIMESTAMP = pvproperty(value=0.0, dtype=float, precision=6, units="s", record="ai",
                            read_only=True, alarm_group="TIMESTAMP",
                            doc="Channel timestamp, s since epoch")
@@ -337,7 +337,7 @@ class LiveImage(PVGroup):
     """The newest frame of a camera channel, as ``IMAGE:`` (areaDetector NDStdArrays
     style: the image as a waveform plus its sizes)."""
 
-    NAME = _text_pv("Camera channel to show (empty: off)", max_length=NAME_LENGTH,
+    NAME = text_pv("Camera channel to show (empty: off)", max_length=NAME_LENGTH,
                     alarm_group="NAME")
     ARRAY = pvproperty(value=[0.0], dtype=ChannelType.FLOAT, max_length=IMAGE_ARRAY_LENGTH,
                        record="waveform", read_only=True, alarm_group="ARRAY",
@@ -348,7 +348,7 @@ class LiveImage(PVGroup):
                         alarm_group="sizes", doc="Image height as published")
     BINNING = pvproperty(value=1, dtype=int, record="longin", read_only=True,
                          alarm_group="sizes", doc="Binning factor used to fit")
-    PULSE_ID = _pulse_id_pv("Pulse id of the image", read_only=True, alarm_group="sizes")
+    PULSE_ID = pulse_id_pv("Pulse id of the image", read_only=True, alarm_group="sizes")
     RATE = rate_pv("Image publishing rate", 1.0, alarm_group="RATE")
 
     def attach(self, sampler: Sampler, report: Report) -> None:

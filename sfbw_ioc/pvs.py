@@ -1,16 +1,18 @@
-"""Kinds of PV the IOC's groups share (sfbw_ioc/ioc.py, sfbw_ioc/live.py): one
-definition of what a text, pulse-id, command or statistics PV is."""
+"""PV definitions shared by the IOC and the group IOC: one look for the same kind of PV."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from caproto import ChannelType, SubscriptionType
-from caproto.server import PvpropertyChar, pvproperty
+from caproto.server import PVGroup, PvpropertyChar, PvpropertyData, pvproperty
 
 PATH_LENGTH = 1024
+# Pulse ids travel as float64 (Channel Access has no 64-bit integer): exact below 2**53.
+MAX_PULSE_ID = 2**53
 
 
-def _pulse_id_pv(doc: str, read_only: bool = False, **kwargs: Any) -> pvproperty:
+def pulse_id_pv(doc: str, read_only: bool = False, **kwargs: Any) -> pvproperty:
     return pvproperty(value=0.0, dtype=float, precision=0, record="ai" if read_only else "ao",
                       read_only=read_only, doc=doc, **kwargs)
 
@@ -27,29 +29,47 @@ class TextData(PvpropertyChar):
         return await super().write_from_dbr(data, data_type, metadata, flags=flags)
 
 
-def _text_pv(doc: str, read_only: bool = False, max_length: int = PATH_LENGTH,
-             value: str = "", **kwargs: Any) -> pvproperty:
-    return pvproperty(value=value, dtype=ChannelType.CHAR if read_only else TextData, max_length=max_length,
+def text_pv(doc: str, read_only: bool = False, max_length: int = PATH_LENGTH,
+            value: str = "", **kwargs: Any) -> pvproperty:
+    return pvproperty(value=value, dtype=ChannelType.CHAR if read_only else TextData,
+                      max_length=max_length,
                       string_encoding="utf-8", record="waveform",
                       read_only=read_only, doc=doc, **kwargs)
 
 
-def _command_pv(doc: str) -> pvproperty:
+def command_pv(doc: str) -> pvproperty:
     return pvproperty(value="Done", dtype=ChannelType.ENUM, enum_strings=("Done", "Do"),
                       record="bo", doc=doc)
 
 
-def _stat_pv(doc: str, units: str = "", precision: int = 0) -> pvproperty:
+def stat_pv(doc: str, units: str = "", precision: int = 0) -> pvproperty:
     # float64 rather than LONG: counters and byte sizes outgrow int32 on a 24/7 IOC.
     return pvproperty(value=0.0, dtype=float, precision=precision, units=units, record="ai",
                       read_only=True, alarm_group="stats", doc=doc)
 
 
-class PutRejected(Exception):
-    """Raised from a putter so the client gets a put failure; the text is in MESSAGE."""
+def pulse_id_error(value: float, name: str) -> str | None:
+    """Why ``value`` is not a pulse id (None when it is one)."""
+    if not math.isfinite(value) or value < 0 or value >= MAX_PULSE_ID or value != int(value):
+        return f"{name} must be a whole number from 0 to 2**53, not {float(value)}"
+    return None
 
 
-async def write_if_changed(pv, value: Any) -> None:
+async def fill_record_fields(group: PVGroup) -> None:
+    """caproto links PREC to a PV's precision, but not DESC to its doc nor EGU to its
+    units: archiver and alarm configurations read those fields."""
+    for pv in {id(pv): pv for pv in group.pvdb.values()}.values():  # aliases once
+        fields = pv.field_inst
+        await fields.description.write(pv.__doc__ or "")
+        if getattr(pv, "units", "") and hasattr(fields, "engineering_units"):
+            await fields.engineering_units.write(pv.units)
+
+
+async def write_if_changed(pv: PvpropertyData, value: Any) -> None:
     """Write ``value`` unless the PV has it already: no monitor update for nothing."""
     if pv.value != value:
         await pv.write(value)
+
+
+class PutRejected(Exception):
+    """Raised from a putter so the client gets a put failure; the text is in MESSAGE."""

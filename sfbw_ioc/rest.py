@@ -24,7 +24,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from .acquisition import AcquisitionController, Status
-from .writerpvs import MAX_PULSE_ID
+from .pvs import MAX_PULSE_ID
 
 log = logging.getLogger(__name__)
 

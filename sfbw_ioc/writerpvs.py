@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import math
 import typing
 from functools import partial
 from typing import Any, Callable
@@ -20,14 +19,13 @@ from caproto.server import PVGroup, pvproperty
 
 from . import naming
 from .acquisition import AcquisitionController, AcquisitionError, State, Status
-from .pvs import PutRejected, _command_pv, _pulse_id_pv, _stat_pv, _text_pv, write_if_changed
+from .pvs import (PutRejected, command_pv, pulse_id_error, pulse_id_pv, stat_pv, text_pv,
+                  write_if_changed)
 from .selection import ChannelSelection
 from .writer import partial_path
 
 log = logging.getLogger(__name__)
 
-# Pulse ids travel as float64 (Channel Access has no 64-bit integer): exact below 2**53.
-MAX_PULSE_ID = 2**53
 CHANNELS_LENGTH = 65536
 # How far START looks for a file number whose file does not exist yet.
 _NUMBERS_TRIED = 100_000
@@ -37,42 +35,42 @@ class WriterPVs(PVGroup):
     """One writer: a file at a time, from a start to a stop pulse id."""
 
     # ---- acquisition control ---------------------------------------------------------
-    OUTPUT_FILE = _text_pv("HDF5 file, relative to the output root", alarm_group="OUTPUT_FILE")
-    USER = _text_pv("Written to /general/user", max_length=256, alarm_group="USER")
-    PROCESS = _text_pv("Written to /general/process", max_length=256,
+    OUTPUT_FILE = text_pv("HDF5 file, relative to the output root", alarm_group="OUTPUT_FILE")
+    USER = text_pv("Written to /general/user", max_length=256, alarm_group="USER")
+    PROCESS = text_pv("Written to /general/process", max_length=256,
                        alarm_group="PROCESS")
-    INSTRUMENT = _text_pv("Written to /general/instrument", max_length=256,
+    INSTRUMENT = text_pv("Written to /general/instrument", max_length=256,
                           alarm_group="INSTRUMENT")
-    START_PULSE_ID = _pulse_id_pv("First pulse id to write", alarm_group="START_PULSE_ID")
-    STOP_PULSE_ID = _pulse_id_pv("Last pulse id to write", alarm_group="STOP_PULSE_ID")
-    START_NOW = _command_pv("Start with the next message")
-    STOP_NOW = _command_pv("Stop after the last message")
-    ABORT = _command_pv("Stop at once, close file")
+    START_PULSE_ID = pulse_id_pv("First pulse id to write", alarm_group="START_PULSE_ID")
+    STOP_PULSE_ID = pulse_id_pv("Last pulse id to write", alarm_group="STOP_PULSE_ID")
+    START_NOW = command_pv("Start with the next message")
+    STOP_NOW = command_pv("Stop after the last message")
+    ABORT = command_pv("Stop at once, close file")
 
     # ---- file naming (areaDetector's) and channel selection --------------------------
-    FILE_PATH = _text_pv("Directory, relative to output root", alarm_group="FILE_PATH")
-    FILE_NAME = _text_pv("File name, before its number", max_length=256,
+    FILE_PATH = text_pv("Directory, relative to output root", alarm_group="FILE_PATH")
+    FILE_NAME = text_pv("File name, before its number", max_length=256,
                          alarm_group="FILE_NAME")
     FILE_NUMBER = pvproperty(value=0, dtype=int, record="longout",
                              doc="Number of the next file", alarm_group="FILE_NUMBER")
-    FILE_TEMPLATE = _text_pv("printf of path, name, number", max_length=256,
+    FILE_TEMPLATE = text_pv("printf of path, name, number", max_length=256,
                              value=naming.DEFAULT_TEMPLATE, alarm_group="FILE_TEMPLATE")
     AUTO_INCREMENT = pvproperty(value="Yes", dtype=ChannelType.ENUM, enum_strings=("No", "Yes"),
                                 record="bo", doc="Next file number after each file",
                                 alarm_group="AUTO_INCREMENT")
-    CHANNELS = _text_pv("Channels to write; empty: all", max_length=CHANNELS_LENGTH,
+    CHANNELS = text_pv("Channels to write; empty: all", max_length=CHANNELS_LENGTH,
                         alarm_group="CHANNELS")
 
     # ---- state -----------------------------------------------------------------------
     STATE = pvproperty(value="IDLE", dtype=ChannelType.ENUM,
                        enum_strings=tuple(state.name for state in State), record="mbbi",
                        read_only=True, alarm_group="state", doc="Acquisition state")
-    MESSAGE = _text_pv("Last event or error", read_only=True, alarm_group="state")
-    LAST_FILE = _text_pv("Last completed file", read_only=True, alarm_group="state")
-    WRITTEN = _stat_pv("Messages in current file")
-    MISSING = _stat_pv("Pulses missing in range")
-    LOST = _stat_pv("Messages lost by writer")
-    FILE_BYTES = _stat_pv("Size of current file", units="B")
+    MESSAGE = text_pv("Last event or error", read_only=True, alarm_group="state")
+    LAST_FILE = text_pv("Last completed file", read_only=True, alarm_group="state")
+    WRITTEN = stat_pv("Messages in current file")
+    MISSING = stat_pv("Pulses missing in range")
+    LOST = stat_pv("Messages lost by writer")
+    FILE_BYTES = stat_pv("Size of current file", units="B")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -245,9 +243,9 @@ class WriterPVs(PVGroup):
     # ---- helpers of the hooks ----------------------------------------------------------
 
     async def _pulse_id(self, value: float, name: str) -> int:
-        if not math.isfinite(value) or value < 0 or value >= MAX_PULSE_ID or value != int(value):
-            await self._reject(f"{name} must be a whole number from 0 to 2**53, "
-                               f"not {float(value)}")
+        error = pulse_id_error(value, name)
+        if error is not None:
+            await self._reject(error)
         return int(value)
 
     async def _start(self, start_pulse_id: int | None) -> None:
