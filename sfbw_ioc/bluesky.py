@@ -212,6 +212,9 @@ if _OPHYD_MISSING is None:
                 self._check_started(before)
                 self._stop(first)
                 self._check_closed(before)
+                if self._halt.is_set():
+                    raise AcquisitionFailed(f"{self.name}: unstaged during the "
+                                            f"acquisition; its file was closed early")
             except Exception as error:  # noqa: BLE001  (the status carries any failure)
                 log.warning("%s: acquisition failed: %s", self.name, error)
                 status.set_exception(error)

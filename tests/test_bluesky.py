@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,26 @@ def test_a_refused_start_fails_the_run_and_leaves_the_ioc_idle(ioc, root):
     assert ioc.text("STATE") == "IDLE"
     assert ioc.text("AUTO_INCREMENT") == "Yes"  # put back by unstage
     assert ioc.get("FILE_NUMBER") == number
+
+
+def test_unstage_during_an_acquisition_closes_its_file_and_leaves_the_ioc_idle(ioc, root):
+    name = next(_names)
+    device = SfbwWriter(ioc.prefix, name="long", file_path="long", file_name=name,
+                        length=AcquisitionLength(seconds=60))
+    device.stage()
+    status = device.trigger()
+    ioc.wait_for("STATE", 2)  # WRITING
+    started = time.monotonic()
+    device.unstage()
+    with pytest.raises(AcquisitionFailed, match="unstaged during the acquisition"):
+        status.wait(10)
+    assert time.monotonic() - started < 10
+    assert ioc.text("STATE") == "IDLE"
+    closed = Path(ioc.text("LAST_FILE"))
+    assert closed.parent == root / "long" and closed.name.startswith(name)
+    first, last = int(ioc.get("FILE_FIRST_PULSE_ID")), int(ioc.get("FILE_LAST_PULSE_ID"))
+    assert_rows(closed, list(range(first, last + 1)))
+    assert ioc.text("FILE_PATH") == ""  # unstaged
 
 
 def test_a_refused_file_template_fails_the_stage(ioc):
