@@ -82,6 +82,7 @@ class WriterPVs(PVGroup):
         self.controller: AcquisitionController | None = None
         self._start_guard: asyncio.Lock | None = None
         self._published_version = -1
+        self._published_message = ""
         self._publish_lock = asyncio.Lock()
         self._composed = False  # OUTPUT_FILE is the naming PVs' (not a direct put)
         self._running_composed = False  # ... and was so when the running file started
@@ -128,7 +129,11 @@ class WriterPVs(PVGroup):
                 status.state.name,
                 status=AlarmStatus.STATE if error else AlarmStatus.NO_ALARM,
                 severity=AlarmSeverity.MAJOR_ALARM if error else AlarmSeverity.NO_ALARM)
-            await write_if_changed(self.MESSAGE, status.message)
+            # Only a new message of the controller's: the reason of a refused put, written
+            # since, must not give way to an older one when another command succeeds.
+            if status.message != self._published_message:
+                self._published_message = status.message
+                await write_if_changed(self.MESSAGE, status.message)
             await write_if_changed(self.LAST_FILE, status.last_file)
             # The writer thread's statuses leave the range out; the controller has it.
             await self.publish_figures(self._with_range(status))

@@ -340,3 +340,11 @@ def _frames(pulse_id: int) -> list[bytes]:
     return encode_message(pulse_id, timestamp_for(pulse_id),
                           [(spec, value_for(spec, pulse_id), timestamp_for(pulse_id))
                            for spec in CHANNELS])
+
+
+def test_a_refusal_stays_in_message_when_a_later_command_succeeds(ioc):
+    assert caput(ioc, "W2:FILE_TEMPLATE", "%d", "-S").returncode == 1
+    reason = ioc.text("W2:MESSAGE")
+    assert "conversion 1" in reason
+    assert caput(ioc, "W2:FILE_NAME", "after_refusal", "-S").returncode == 0
+    assert ioc.text("W2:MESSAGE") == reason
