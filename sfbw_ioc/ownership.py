@@ -118,7 +118,10 @@ class Owner:
         """Make the missing directories of ``path`` and ``path`` itself, empty and
         exclusive (``FileExistsError`` if anything is there, a symbolic link too), each
         given its mode and owner. Returns the file's descriptor, open for reading and
-        writing: the caller closes it."""
+        writing: the caller closes it.
+
+        ``path`` must be free of symbolic links (resolved): one met on the way is an
+        error (``NotADirectoryError``), as one swapped in after the resolution must be."""
         path = Path(os.path.abspath(path))
         directory = self._open_directories(path.parent)
         try:
