@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from .bsread import Column, MalformedMessage, decode_columns, decode_uniform_columns
-from .ownership import Owner, OwnershipError
+from .ownership import IOC_OWNER, Owner, OwnershipError
 from .receiver import MalformedCounter
 from .ring import RawMessage, RingBuffer, stack_uniform, typical_step
 from .selection import ChannelSelection
@@ -108,7 +108,7 @@ class AcquisitionController:
     """Owns the writer thread and at most one running acquisition."""
 
     def __init__(self, ring: RingBuffer, malformed: MalformedCounter, output_root: Path,
-                 pulse_rate: float = 100.0, owner: Owner = Owner()) -> None:
+                 pulse_rate: float = 100.0, owner: Owner = IOC_OWNER) -> None:
         self._ring = ring
         self._malformed = malformed
         self.output_root = Path(output_root).resolve()

@@ -84,14 +84,13 @@ class Owner:
                 grp.getgrgid(self.gid)
             except KeyError:
                 raise OwnershipError(f"FILE_GID {self.gid}: no group has this gid") from None
-        missing = sorted(self._capabilities_needed() - effective_capabilities())
+        needed = self._capabilities_needed()
+        missing = needed - effective_capabilities()
         if missing:
-            names = " and ".join(_CAPABILITY_NAMES[bit] for bit in missing)
             raise OwnershipError(
                 f"cannot give files to {self.describe()}: the IOC (uid {os.geteuid()}) "
-                f"lacks {names}; run it as root or with AmbientCapabilities="
-                f"{' '.join(_CAPABILITY_NAMES[bit] for bit in sorted(self._capabilities_needed()))}"
-                f" in its systemd unit")
+                f"lacks {_names(missing, ' and ')}; run it as root or with "
+                f"AmbientCapabilities={_names(needed, ' ')} in its systemd unit")
 
     def _capabilities_needed(self) -> set[int]:
         """Another user: CAP_CHOWN to give the file and directories away, and
@@ -206,6 +205,10 @@ def effective_capabilities() -> set[int]:
     return set(_CAPABILITY_NAMES) if os.geteuid() == 0 else set()
 
 
+def _names(capabilities: set[int], separator: str) -> str:
+    return separator.join(_CAPABILITY_NAMES[bit] for bit in sorted(capabilities))
+
+
 def _replace_fd(old: int, new: int) -> int:
     os.close(old)
     return new
@@ -216,3 +219,6 @@ def _name(lookup, number: int) -> str:
         return lookup(number)[0]
     except KeyError:
         return str(number)
+
+
+IOC_OWNER = Owner()  # the IOC's own uid and gid, the default modes

@@ -38,7 +38,7 @@ import hdf5plugin  # registers the bitshuffle filter with HDF5
 import numpy as np
 
 from sfbw_ioc.bsread import BSREAD_TYPES, ChannelSpec, ChannelValue, Column
-from sfbw_ioc.ownership import Owner
+from sfbw_ioc.ownership import IOC_OWNER, Owner
 
 log = logging.getLogger(__name__)
 
@@ -479,7 +479,7 @@ class FileWriter:
 
     def __init__(self, target: Path, general: Mapping[str, str], *,
                  created: str | None = None, batch_rows: int = 256,
-                 owner: Owner = Owner()) -> None:
+                 owner: Owner = IOC_OWNER) -> None:
         if batch_rows < 1:
             raise ValueError(f"batch_rows must be positive, not {batch_rows}")
         self.target = Path(target)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import REPO, BsreadSource, IocProcess, assert_rows, caput_binary, poll, \
-    unique_prefix
+from harness import (REPO, BsreadSource, IocProcess, assert_rows, caput_binary, poll,
+                     unique_prefix)
 from sfbw_ioc.ownership import MAX_ID, Owner, OwnershipError
 
 _bases = itertools.count(60_000_000_000, 100_000)
@@ -52,7 +52,8 @@ def accounts():
                 pytest.skip(f"{command} {name} failed: {result.stderr.strip()}")
             made.append((command, name))
         yield {"group": grp.getgrnam(group).gr_gid, "member": pwd.getpwnam(member).pw_uid,
-               "member_gid": pwd.getpwnam(member).pw_gid, "other": pwd.getpwnam(other).pw_uid, "member_name": member,
+               "member_gid": pwd.getpwnam(member).pw_gid,
+               "other": pwd.getpwnam(other).pw_uid, "member_name": member,
                "group_name": group}
     finally:
         for command, name in reversed(made):
