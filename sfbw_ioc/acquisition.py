@@ -23,6 +23,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from .bsread import Column, MalformedMessage, decode_columns, decode_uniform_columns
+from .ownership import IOC_OWNER, Owner, OwnershipError
 from .receiver import MalformedCounter
 from .ring import RawMessage, RingBuffer, stack_uniform, typical_step
 from .selection import ChannelSelection
@@ -108,10 +109,11 @@ class AcquisitionController:
     """Owns the writer thread and at most one running acquisition."""
 
     def __init__(self, ring: RingBuffer, malformed: MalformedCounter, output_root: Path,
-                 pulse_rate: float = 100.0) -> None:
+                 pulse_rate: float = 100.0, owner: Owner = IOC_OWNER) -> None:
         self._ring = ring
         self._malformed = malformed
         self.output_root = Path(output_root).resolve()
+        self.owner = owner  # of every file unless a START names another (its modes stay)
         self._pulse_rate = pulse_rate
         self._on_change: Callable[[Status], None] | None = None
         self._lock = threading.Lock()
@@ -140,9 +142,11 @@ class AcquisitionController:
             self._on_change = callback
 
     def start(self, start_pulse_id: int | None, output_file: str,
-              general: Mapping[str, str], selection: ChannelSelection | None = None) -> Path:
+              general: Mapping[str, str], selection: ChannelSelection | None = None,
+              owner: Owner | None = None) -> Path:
         """Begin an acquisition at ``start_pulse_id`` (None: with the next message),
-        of the channels of ``selection`` (None: all).
+        of the channels of ``selection`` (None: all), the file and its new directories
+        belonging to ``owner`` (None: ``self.owner``).
 
         Opens the file; raises ``AcquisitionError`` with the reason when refused.
         """
@@ -153,7 +157,8 @@ class AcquisitionController:
         # The disk is touched without the lock: status() must stay instant for the IOC.
         try:
             target = self.resolve_output(output_file)
-            writer = _open_writer(target, general, created)
+            owner = owner or self.owner
+            writer = _open_writer(target, general, created, owner)
         finally:
             with self._lock:
                 self._starting = False
@@ -163,7 +168,7 @@ class AcquisitionController:
             self._pending_stop = None
             self._next_created = None
             self._active = self._latest = acquisition
-            message = self._start_message(acquisition, target)
+            message = self._start_message(acquisition, target, owner)
             self._set_status(Status(State.WAITING, message, str(target),
                                     self._status.last_file,
                                     version=self._status.version))
@@ -296,8 +301,10 @@ class AcquisitionController:
                             last_flush=time.monotonic(),
                             start_time=time.time() if start_pulse_id is None else None)
 
-    def _start_message(self, acquisition: _Acquisition, target: Path) -> str:
-        return self._range_message(acquisition, target) + self._selection_note(acquisition)
+    def _start_message(self, acquisition: _Acquisition, target: Path, owner: Owner) -> str:
+        given = owner.describe()
+        return (self._range_message(acquisition, target) + (f" for {given}" if given else "")
+                + self._selection_note(acquisition))
 
     def _range_message(self, acquisition: _Acquisition, target: Path) -> str:
         start = acquisition.start_pulse_id
@@ -569,10 +576,14 @@ def count_missing(pulse_ids: np.ndarray, start: int | None, stop: int | None,
     return missing
 
 
-def _open_writer(target: Path, general: Mapping[str, str], created: str | None) -> FileWriter:
+def _open_writer(target: Path, general: Mapping[str, str], created: str | None,
+                 owner: Owner) -> FileWriter:
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return FileWriter(target, general, created=created)
+        owner.check()  # before anything is created
+    except OwnershipError as error:
+        raise AcquisitionError(str(error)) from error
+    try:
+        return FileWriter(target, general, created=created, owner=owner)
     except OSError as error:
         raise AcquisitionError(f"cannot create {target}: {error.strerror or error}") from error
 

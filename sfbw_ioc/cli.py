@@ -23,7 +23,7 @@ from caproto import AccessRights  # noqa: E402
 from caproto.asyncio.server import Context  # noqa: E402
 from caproto.server import template_arg_parser  # noqa: E402
 
-from . import access, epicsdb, live, memory  # noqa: E402
+from . import access, epicsdb, live, memory, ownership  # noqa: E402
 from .acquisition import AcquisitionController  # noqa: E402
 from .forward import Forwarder  # noqa: E402
 from .ioc import ALIASED_WRITER, DEFAULT_WRITERS, Backend, check_stream_address, ioc_class  # noqa: E402
@@ -85,6 +85,22 @@ def port_number(text: str) -> int:
     return value
 
 
+def file_mode(text: str) -> int:
+    return _mode(text, ownership.FILE_MODE_BITS)
+
+
+def dir_mode(text: str) -> int:
+    return _mode(text, ownership.DIR_MODE_BITS)
+
+
+def _mode(text: str, allowed: int) -> int:
+    try:
+        return ownership.parse_mode(text, allowed)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not an octal mode within {allowed:o}: {text!r} "
+                                         f"({error})") from None
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, object]:
     parser, split = template_arg_parser(
         default_prefix="SFBW:", supported_async_libs=["asyncio"],
@@ -105,6 +121,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, object]:
     parser.add_argument("--output-root", type=Path, default=Path.cwd(),
                         help="directory OUTPUT_FILE is relative to and confined in "
                              "(default: the working directory)")
+    parser.add_argument("--file-mode", type=file_mode, default=ownership.DEFAULT_FILE_MODE,
+                        metavar="OCTAL",
+                        help="mode of the files written (default: "
+                             f"{ownership.DEFAULT_FILE_MODE:04o})")
+    parser.add_argument("--dir-mode", type=dir_mode, default=ownership.DEFAULT_DIR_MODE,
+                        metavar="OCTAL",
+                        help="mode of the directories the IOC creates for them, e.g. 2770 "
+                             f"for a group-shared tree (default: {ownership.DEFAULT_DIR_MODE:04o})")
     parser.add_argument("--pulse-rate", type=float, default=100.0,
                         help="machine pulse rate in Hz, to close a file when a silent "
                              "stream must have passed the stop (default: 100)")
@@ -200,7 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.critical("cannot re-publish on port %s: %s", args.output_port, error)
         return 1
     receiver = Receiver(stream, ring, malformed, mode=mode, forward=forwarder)
-    controllers = tuple(AcquisitionController(ring, malformed, args.output_root, args.pulse_rate)
+    owner = ownership.Owner(file_mode=args.file_mode, dir_mode=args.dir_mode)
+    controllers = tuple(AcquisitionController(ring, malformed, args.output_root, args.pulse_rate,
+                                              owner)
                         for _ in range(args.writers))
     backend = Backend(ring, receiver, malformed, controllers, args.image_max_pixels, forwarder)
     ioc = ioc_class(args.writers)(backend=backend, **ioc_options)

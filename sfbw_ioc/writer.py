@@ -38,6 +38,7 @@ import hdf5plugin  # registers the bitshuffle filter with HDF5
 import numpy as np
 
 from sfbw_ioc.bsread import BSREAD_TYPES, ChannelSpec, ChannelValue, Column
+from sfbw_ioc.ownership import IOC_OWNER, Owner
 
 log = logging.getLogger(__name__)
 
@@ -472,10 +473,13 @@ class FileWriter:
     ``flush`` (call it at least once a second: a file last flushed is readable even if
     the process dies). Values are kept by reference until written: do not mutate them.
     HDF5 and OS failures raise ``OSError``; after one, only ``abandon`` is allowed.
+    The file and the directories it needs are made with the modes and owner of
+    ``owner`` (``Owner.check`` it first).
     """
 
     def __init__(self, target: Path, general: Mapping[str, str], *,
-                 created: str | None = None, batch_rows: int = 256) -> None:
+                 created: str | None = None, batch_rows: int = 256,
+                 owner: Owner = IOC_OWNER) -> None:
         if batch_rows < 1:
             raise ValueError(f"batch_rows must be positive, not {batch_rows}")
         self.target = Path(target)
@@ -491,7 +495,7 @@ class FileWriter:
         self._channels: dict[str, _Channel] = {}
         self._failed = False
         self._path = self.partial
-        self._h5: h5py.File | None = h5py.File(self.partial, "x")
+        self._h5: h5py.File | None = _create_h5(self.partial, owner)
         self._fd = self._h5.id.get_vfd_handle()
         self._write_behind = _WriteBehind(self._h5.id, self._fd)
         self._file_id = _file_identity(os.fstat(self._fd))
@@ -697,6 +701,22 @@ class FileWriter:
             if isinstance(exc, RuntimeError):
                 raise _os_error(f"HDF5 {action} failed: {exc}", self.partial) from exc
             raise
+
+
+def _create_h5(partial: Path, owner: Owner) -> h5py.File:
+    """The new, empty ``partial``, already its owner's, opened by HDF5.
+
+    HDF5 opens the inode ``owner`` made, through its descriptor, not the name: the
+    directory may belong to the new owner by now, who could have put a link to another
+    file there (HDF5's truncating open would follow it with the IOC's rights)."""
+    fd = owner.create_file(partial)
+    try:
+        return h5py.File(f"/proc/self/fd/{fd}", "w")
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
 
 
 def partial_path(target: Path) -> Path:

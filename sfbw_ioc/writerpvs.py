@@ -18,7 +18,7 @@ from typing import Any, Callable
 from caproto import AlarmSeverity, AlarmStatus, ChannelType
 from caproto.server import PVGroup, pvproperty
 
-from . import naming
+from . import naming, ownership
 from .acquisition import AcquisitionController, AcquisitionError, State, Status
 from .pvs import (PutRejected, command_pv, pulse_id_error, pulse_id_pv, stat_pv, text_pv,
                   write_if_changed)
@@ -61,6 +61,11 @@ class WriterPVs(PVGroup):
                                 alarm_group="AUTO_INCREMENT")
     CHANNELS = text_pv("Channels to write; empty: all", max_length=CHANNELS_LENGTH,
                         alarm_group="CHANNELS")
+    # Taken at START: the file and the directories made for it belong to them.
+    FILE_UID = pvproperty(value=ownership.KEEP, dtype=int, record="longout",
+                          doc="Owner uid of new files; -1: IOC's", alarm_group="FILE_UID")
+    FILE_GID = pvproperty(value=ownership.KEEP, dtype=int, record="longout",
+                          doc="Group gid of new files; -1: IOC's", alarm_group="FILE_GID")
 
     # ---- state -----------------------------------------------------------------------
     STATE = pvproperty(value="IDLE", dtype=ChannelType.ENUM,
@@ -195,6 +200,24 @@ class WriterPVs(PVGroup):
             await self._until_closed(await self._command(self._control.abort))
         return "Done"
 
+    @FILE_UID.putter
+    async def FILE_UID(self, instance, value: int) -> int:
+        await self._check_id(value, "FILE_UID")
+        return value
+
+    @FILE_GID.putter
+    async def FILE_GID(self, instance, value: int) -> int:
+        await self._check_id(value, "FILE_GID")
+        return value
+
+    async def _check_id(self, value: int, name: str) -> None:
+        """Only the range here: whether the IOC may give files to it is START's to say
+        (the account may be created, or the IOC restarted with the capability, meanwhile)."""
+        try:
+            ownership.check_id(value, name)
+        except ownership.OwnershipError as error:
+            await self._reject(str(error))
+
     # ---- file naming hooks: each put composes OUTPUT_FILE anew -------------------------
 
     @FILE_PATH.putter
@@ -277,8 +300,9 @@ class WriterPVs(PVGroup):
                     await self._set_number(number)
             general = {"user": self.USER.value, "process": self.PROCESS.value,
                        "instrument": self.INSTRUMENT.value, "channels": self.CHANNELS.value}
+            owner = self._control.owner.with_ids(self.FILE_UID.value, self.FILE_GID.value)
             await self._command(self._control.start, start_pulse_id, self.OUTPUT_FILE.value,
-                                general, ChannelSelection.parse(self.CHANNELS.value))
+                                general, ChannelSelection.parse(self.CHANNELS.value), owner)
             self._running_composed = composed
 
     async def _command(self, function: Callable[..., Any], *args: Any) -> Any:
