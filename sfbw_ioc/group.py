@@ -11,45 +11,23 @@ import typing
 from pathlib import Path
 from typing import Any, Awaitable, Sequence
 
-from caproto import AlarmSeverity, AlarmStatus, ChannelType
-from caproto.server import PVGroup, pvproperty
+from caproto import AlarmSeverity, AlarmStatus
+from caproto.server import pvproperty
 
 from .acquisition import State
+from .control import AcquisitionPVs
 from .coordinator import Coordinator, GroupError
 from .member import Client, Member
-from .pvs import (command_pv, fill_record_fields, pulse_id_error, pulse_id_pv, text_pv,
-                  write_if_changed)
+from .pvs import PutRejected, fill_record_fields, text_pv, write_if_changed
 
 log = logging.getLogger(__name__)
 
 MEMBERS_LENGTH = 8192  # prefixes of ~100 members
 
 
-class PutRejected(Exception):
-    """Raised from a putter so the client gets a put failure; the text is in MESSAGE."""
-
-
-class SfbwGroupIOC(PVGroup):
+class SfbwGroupIOC(AcquisitionPVs):
     """Drives many sfbw-ioc members as one acquisition with one master file."""
 
-    OUTPUT_FILE = text_pv("Master HDF5 file, relative to the output root",
-                          alarm_group="OUTPUT_FILE")
-    USER = text_pv("Written to /general/user", max_length=256, alarm_group="USER")
-    PROCESS = text_pv("Written to /general/process", max_length=256, alarm_group="PROCESS")
-    INSTRUMENT = text_pv("Written to /general/instrument", max_length=256,
-                         alarm_group="INSTRUMENT")
-    START_PULSE_ID = pulse_id_pv("First pulse id on every member",
-                                 alarm_group="START_PULSE_ID")
-    STOP_PULSE_ID = pulse_id_pv("Last pulse id on every member", alarm_group="STOP_PULSE_ID")
-    START_NOW = command_pv("Start all after the newest pulse")
-    STOP_NOW = command_pv("Stop all at the newest pulse")
-    ABORT = command_pv("Stop all at once, close files")
-
-    STATE = pvproperty(value="IDLE", dtype=ChannelType.ENUM,
-                       enum_strings=tuple(state.name for state in State), record="mbbi",
-                       read_only=True, alarm_group="state", doc="Group acquisition state")
-    MESSAGE = text_pv("Last event or error", read_only=True, alarm_group="state")
-    LAST_FILE = text_pv("Last master file", read_only=True, alarm_group="state")
     MEMBERS = text_pv("Member prefixes, one a line", read_only=True,
                       max_length=MEMBERS_LENGTH, alarm_group="state")
     MEMBERS_CONNECTED = pvproperty(value=0, dtype=int, record="longin", read_only=True,
@@ -67,8 +45,9 @@ class SfbwGroupIOC(PVGroup):
 
     # ---- start-up: the client of the members, then status publishing -----------------
 
-    @STATE.startup
-    async def STATE(self, instance, async_lib) -> None:
+    # On a PV of this class's own: STATE is the base class's, shared with the writers.
+    @MEMBERS.startup
+    async def MEMBERS(self, instance, async_lib) -> None:
         client = Client()
         coordinator = Coordinator([], self._output_root, self._allow_partial,
                                   self._changed.set)
@@ -105,62 +84,31 @@ class SfbwGroupIOC(PVGroup):
 
     # ---- control hooks ---------------------------------------------------------------
 
-    @OUTPUT_FILE.putter
-    async def OUTPUT_FILE(self, instance, value: str) -> str:
+    async def check_output_file(self, value: str) -> None:
         await self._command(self._require_coordinator().check_master(value))
-        return value
 
-    @START_PULSE_ID.putter
-    async def START_PULSE_ID(self, instance, value: float) -> float:
-        await self._start(await self._pulse_id(value, "START_PULSE_ID"))
-        return value
-
-    @STOP_PULSE_ID.putter
-    async def STOP_PULSE_ID(self, instance, value: float) -> float:
-        pulse_id = await self._pulse_id(value, "STOP_PULSE_ID")
-        await self._command(self._require_coordinator().stop(pulse_id))
-        return value
-
-    @START_NOW.putter
-    async def START_NOW(self, instance, value: str) -> str:
-        if value != "Done":
-            await self._start(None)
-        return "Done"
-
-    @STOP_NOW.putter
-    async def STOP_NOW(self, instance, value: str) -> str:
-        if value != "Done":
-            await self._command(self._require_coordinator().stop(None))
-        return "Done"
-
-    @ABORT.putter
-    async def ABORT(self, instance, value: str) -> str:
-        if value != "Done":
-            await self._command(self._require_coordinator().abort())
-        return "Done"
-
-    async def _start(self, start_pulse_id: int | None) -> None:
+    async def start(self, start_pulse_id: int | None) -> None:
         general = {"user": self.USER.value, "process": self.PROCESS.value,
                    "instrument": self.INSTRUMENT.value}
         await self._command(self._require_coordinator().start(
             start_pulse_id, self.OUTPUT_FILE.value, general))
 
-    async def _pulse_id(self, value: float, name: str) -> int:
-        error = pulse_id_error(value, name)
-        if error is not None:
-            await self._reject(error)
-        return int(value)
+    async def stop(self, stop_pulse_id: int | None) -> None:
+        await self._command(self._require_coordinator().stop(stop_pulse_id))
+
+    async def abort(self) -> None:
+        await self._command(self._require_coordinator().abort())
 
     async def _command(self, command: Awaitable[Any]) -> None:
         """Carry out a coordinator command; a refusal fails the put with its reason."""
         try:
             await command
         except GroupError as error:
-            await self._reject(str(error))
+            await self.reject(str(error))
         # When the put completes, the state PVs already tell its outcome.
         await self._publish()
 
-    async def _reject(self, reason: str) -> typing.NoReturn:
+    async def reject(self, reason: str) -> typing.NoReturn:
         log.warning("put refused: %s", reason)
         self._require_coordinator().note(reason)
         await self._publish()

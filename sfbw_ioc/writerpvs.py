@@ -16,11 +16,12 @@ from functools import partial
 from typing import Any, Callable
 
 from caproto import AlarmSeverity, AlarmStatus, ChannelType
-from caproto.server import PVGroup, pvproperty
+from caproto.server import pvproperty
 
 from . import naming, ownership
 from .acquisition import AcquisitionController, AcquisitionError, State, Status
-from .pvs import (PutRejected, command_pv, pulse_id_error, pulse_id_pv, stat_pv, text_pv,
+from .control import AcquisitionPVs
+from .pvs import (PutRejected, pulse_id_pv, stat_pv, text_pv,
                   write_if_changed)
 from .selection import ChannelSelection
 from .writer import partial_path
@@ -32,21 +33,8 @@ CHANNELS_LENGTH = 65536
 _NUMBERS_TRIED = 100_000
 
 
-class WriterPVs(PVGroup):
+class WriterPVs(AcquisitionPVs):
     """One writer: a file at a time, from a start to a stop pulse id."""
-
-    # ---- acquisition control ---------------------------------------------------------
-    OUTPUT_FILE = text_pv("HDF5 file, relative to the output root", alarm_group="OUTPUT_FILE")
-    USER = text_pv("Written to /general/user", max_length=256, alarm_group="USER")
-    PROCESS = text_pv("Written to /general/process", max_length=256,
-                       alarm_group="PROCESS")
-    INSTRUMENT = text_pv("Written to /general/instrument", max_length=256,
-                          alarm_group="INSTRUMENT")
-    START_PULSE_ID = pulse_id_pv("First pulse id to write", alarm_group="START_PULSE_ID")
-    STOP_PULSE_ID = pulse_id_pv("Last pulse id to write", alarm_group="STOP_PULSE_ID")
-    START_NOW = command_pv("Start with the next message")
-    STOP_NOW = command_pv("Stop after the last message")
-    ABORT = command_pv("Stop at once, close file")
 
     # ---- file naming (areaDetector's) and channel selection --------------------------
     FILE_PATH = text_pv("Directory, relative to output root", alarm_group="FILE_PATH")
@@ -67,12 +55,7 @@ class WriterPVs(PVGroup):
     FILE_GID = pvproperty(value=ownership.KEEP, dtype=int, record="longout",
                           doc="Group gid of new files; -1: IOC's", alarm_group="FILE_GID")
 
-    # ---- state -----------------------------------------------------------------------
-    STATE = pvproperty(value="IDLE", dtype=ChannelType.ENUM,
-                       enum_strings=tuple(state.name for state in State), record="mbbi",
-                       read_only=True, alarm_group="state", doc="Acquisition state")
-    MESSAGE = text_pv("Last event or error", read_only=True, alarm_group="state")
-    LAST_FILE = text_pv("Last completed file", read_only=True, alarm_group="state")
+    # ---- figures of the current (or last) file ------------------------------------
     WRITTEN = stat_pv("Messages in current file")
     MISSING = stat_pv("Pulses missing in range")
     LOST = stat_pv("Messages lost by writer")
@@ -106,8 +89,10 @@ class WriterPVs(PVGroup):
 
     # ---- start-up: status changes from the writer thread -----------------------------
 
-    @STATE.startup
-    async def STATE(self, instance, async_lib) -> None:
+    # The hook sits on a PV of this class's own: STATE is the base class's, shared with
+    # the group IOC, and a hook added to it here would be added there too.
+    @WRITTEN.startup
+    async def WRITTEN(self, instance, async_lib) -> None:
         loop = asyncio.get_running_loop()
         queue = async_lib.ThreadsafeQueue()
 
@@ -164,41 +149,15 @@ class WriterPVs(PVGroup):
 
     # ---- control hooks ---------------------------------------------------------------
 
-    @OUTPUT_FILE.putter
-    async def OUTPUT_FILE(self, instance, value: str) -> str:
+    async def check_output_file(self, value: str) -> None:
         await self._command(self._control.resolve_output, value)
         self._composed = False
-        return value
 
-    @START_PULSE_ID.putter
-    async def START_PULSE_ID(self, instance, value: float) -> float:
-        await self._start(await self._pulse_id(value, "START_PULSE_ID"))
-        return value
+    async def stop(self, stop_pulse_id: int | None) -> None:
+        await self._until_closed(await self._command(self._control.stop, stop_pulse_id))
 
-    @STOP_PULSE_ID.putter
-    async def STOP_PULSE_ID(self, instance, value: float) -> float:
-        done = await self._command(self._control.stop,
-                                   await self._pulse_id(value, "STOP_PULSE_ID"))
-        await self._until_closed(done)
-        return value
-
-    @START_NOW.putter
-    async def START_NOW(self, instance, value: str) -> str:
-        if value != "Done":
-            await self._start(None)
-        return "Done"
-
-    @STOP_NOW.putter
-    async def STOP_NOW(self, instance, value: str) -> str:
-        if value != "Done":
-            await self._until_closed(await self._command(self._control.stop, None))
-        return "Done"
-
-    @ABORT.putter
-    async def ABORT(self, instance, value: str) -> str:
-        if value != "Done":
-            await self._until_closed(await self._command(self._control.abort))
-        return "Done"
+    async def abort(self) -> None:
+        await self._until_closed(await self._command(self._control.abort))
 
     @FILE_UID.putter
     async def FILE_UID(self, instance, value: int) -> int:
@@ -216,7 +175,7 @@ class WriterPVs(PVGroup):
         try:
             ownership.check_id(value, name)
         except ownership.OwnershipError as error:
-            await self._reject(str(error))
+            await self.reject(str(error))
 
     # ---- file naming hooks: each put composes OUTPUT_FILE anew -------------------------
 
@@ -233,7 +192,7 @@ class WriterPVs(PVGroup):
     @FILE_NUMBER.putter
     async def FILE_NUMBER(self, instance, value: int) -> int:
         if value < 0:
-            await self._reject(f"FILE_NUMBER must be 0 or more, not {value}")
+            await self.reject(f"FILE_NUMBER must be 0 or more, not {value}")
         await self._compose(number=value)
         return value
 
@@ -257,7 +216,7 @@ class WriterPVs(PVGroup):
         try:
             name = naming.compose(**fields)
         except naming.TemplateError as error:
-            await self._reject(str(error))
+            await self.reject(str(error))
         # Inside the root; an existing file is refused only by START (or skipped).
         await self._command(partial(self._control.resolve_output, must_be_new=False), name)
         await self.OUTPUT_FILE.write(name, verify_value=False)
@@ -284,13 +243,7 @@ class WriterPVs(PVGroup):
 
     # ---- helpers of the hooks ----------------------------------------------------------
 
-    async def _pulse_id(self, value: float, name: str) -> int:
-        error = pulse_id_error(value, name)
-        if error is not None:
-            await self._reject(error)
-        return int(value)
-
-    async def _start(self, start_pulse_id: int | None) -> None:
+    async def start(self, start_pulse_id: int | None) -> None:
         assert self._start_guard is not None
         async with self._start_guard:
             composed = self._composed
@@ -311,7 +264,7 @@ class WriterPVs(PVGroup):
         try:
             result = await loop.run_in_executor(None, function, *args)
         except AcquisitionError as error:
-            await self._reject(str(error))
+            await self.reject(str(error))
         # When the put completes, the state PVs already tell its outcome.
         await self.publish_status(self._control.status())
         return result
@@ -325,7 +278,7 @@ class WriterPVs(PVGroup):
         finally:
             await self.publish_status(self._control.status())
 
-    async def _reject(self, reason: str) -> typing.NoReturn:
+    async def reject(self, reason: str) -> typing.NoReturn:
         log.warning("put refused: %s", reason)
         await self.MESSAGE.write(reason)
         raise PutRejected(reason)
