@@ -423,6 +423,19 @@ def camera_frames(n: int, first: int) -> tuple[CameraMessages, list[list[bytes]]
     return stream, frames
 
 
+def settle_memory(ioc: Ioc, quiet_s: float = 0.5) -> None:
+    """Wait until the IOC's RSS has not changed for ``quiet_s``: a fresh IOC touches the
+    memory its ring will take once the first messages show their size."""
+    last = [ioc.rss(), time.monotonic()]
+
+    def quiet() -> bool:
+        rss, now = ioc.rss(), time.monotonic()
+        if abs(rss - last[0]) > MiB:
+            last[:] = rss, now
+        return now - last[1] >= quiet_s
+    poll(quiet, timeout=60, interval=0.05, what="the IOC's memory to settle")
+
+
 def camera_acquisition(world: World, stream: CameraMessages, frames: list[list[bytes]],
                        first: int, name: str, fill_ring: bool) -> float:
     """Frames/s of one acquisition of ``frames`` (all but the last, which passes the
@@ -441,6 +454,7 @@ def camera_acquisition(world: World, stream: CameraMessages, frames: list[list[b
     t = time.perf_counter()
     warm_up(ioc, lambda p: send(stream.frames(p)), first,
             count=ring_length if fill_ring else WARMUP)
+    settle_memory(ioc)
     detail(f"{'ring filled once' if fill_ring else 'empty ring (fresh IOC)'} before the "
            f"acquisition ({ring_length if fill_ring else WARMUP} frames, "
            f"{time.perf_counter() - t:.1f} s); IOC RSS {ioc.rss() / MiB:.0f} MiB")

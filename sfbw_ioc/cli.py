@@ -125,8 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("simulated bsread source on %s", stream)
 
     memory.tune_allocator()
-    trimmer = memory.HeapTrimmer()
     ring = RingBuffer(args.buffer_length, args.buffer_bytes)
+    trimmer = memory.HeapTrimmer(ring=ring)
     malformed = MalformedCounter()
     receiver = Receiver(stream, ring, malformed, mode=mode)
     controller = AcquisitionController(ring, malformed, args.output_root, args.pulse_rate)

@@ -202,6 +202,18 @@ class RingBuffer:
         with self._cond:
             return self._bytes_from(from_seq)
 
+    def held_bytes(self) -> int:
+        """Bytes of the messages the ring holds now."""
+        with self._cond:
+            return self._nbytes
+
+    def expected_bytes(self) -> int:
+        """Bytes the ring will hold once full of messages of the mean size of those it
+        holds now (0 while empty): the memory it is going to take."""
+        with self._cond:
+            count = self._count()
+            return min(self.max_bytes, self.max_messages * self._nbytes // count) if count else 0
+
     def wake_readers(self) -> None:
         """Wake threads blocked in ``wait_for`` so they can look at new commands."""
         with self._cond:
