@@ -91,21 +91,28 @@ def tune_allocator() -> bool:
     return ok
 
 
-def touch_heap(libc: ctypes.CDLL, enough: Callable[[int], bool]) -> int:
-    """Take heap in blocks until ``enough(bytes taken)``, write every page and free it all
-    again: it stays in the heap, in memory, for the next allocations. Returns the bytes."""
+def touch_heap(libc: ctypes.CDLL, room: Callable[[], int]) -> int:
+    """Take heap in blocks until they cover ``room()`` (asked before each block), write
+    every page of them and free them all: they stay in the heap, in memory, for the
+    next allocations. A block the room no longer needs is freed at once: a ring that
+    fills meanwhile takes memory of its own, and holding both would double it.
+    Returns the bytes held at the end."""
     blocks: list[int] = []
     try:
-        while not enough(len(blocks) * _RESERVE_BLOCK):
+        while True:
+            left = room()
+            while blocks and (len(blocks) - 1) * _RESERVE_BLOCK >= left:
+                libc.free(blocks.pop())
+            if len(blocks) * _RESERVE_BLOCK >= left:
+                return len(blocks) * _RESERVE_BLOCK
             block = libc.malloc(_RESERVE_BLOCK)
             if not block:
-                break
+                return len(blocks) * _RESERVE_BLOCK
             blocks.append(block)
             ctypes.memset(block, 0, _RESERVE_BLOCK)
     finally:
         for block in blocks:
             libc.free(block)
-    return len(blocks) * _RESERVE_BLOCK
 
 
 class HeapTrimmer(threading.Thread):
@@ -141,18 +148,24 @@ class HeapTrimmer(threading.Thread):
         target = self._ring.expected_bytes()
         if target - max(self._reserved, self._ring.held_bytes()) < _RESERVE_BLOCK:
             return
-        # Until what the ring holds and what is touched cover the target: a ring that
-        # fills meanwhile takes fresh memory of its own, which must not be touched twice.
         reserved = max(self._reserved, self._ring.held_bytes())
+        last_held = [self._ring.held_bytes()]
 
-        def enough(touched: int) -> bool:
-            return (self._stop_event.is_set()
-                    or max(reserved, self._ring.held_bytes()) + touched >= target)
+        def room() -> int:
+            held = self._ring.held_bytes()
+            # A ring that grew by a block while we touched one outruns us (a flood): it
+            # takes fresh memory anyway, and touching more would only add to it.
+            outrun = held - last_held[0] >= _RESERVE_BLOCK
+            last_held[0] = held
+            if self._stop_event.is_set() or outrun:
+                return 0
+            return target - max(reserved, held)
         t = time.monotonic()
-        touched = touch_heap(self._libc, enough)
+        touched = touch_heap(self._libc, room)
         self._reserved = max(reserved, self._ring.held_bytes()) + touched
-        log.info("memory for the ring: %d MiB touched in %.2f s (%d MiB reserved in all)",
-                 touched >> 20, time.monotonic() - t, self._reserved >> 20)
+        if touched:
+            log.info("memory for the ring: %d MiB touched in %.2f s (%d MiB reserved in "
+                     "all)", touched >> 20, time.monotonic() - t, self._reserved >> 20)
 
     def _trim_beyond_reserve(self) -> None:
         held = self._ring.held_bytes() if self._ring is not None else 0
