@@ -214,7 +214,7 @@ class Receiver(threading.Thread):
         payload = bytearray(main_length + layout.total)
         payload[:main_length] = first.buffer
         view = memoryview(payload)
-        offset, recv_into, irregular = main_length, socket.recv_into, False
+        offset, recv_into = main_length, socket.recv_into
         lengths = layout.header.usual_part_lengths
         sizes = [0] * len(lengths)
         for index, expected in enumerate(lengths):
@@ -232,11 +232,11 @@ class Receiver(threading.Thread):
                     "value_size", f"{layout.header.channels[index // 2].name}: "
                     f"{received}-byte {'timestamp' if index % 2 else 'value'} part, "
                     f"expected {expected}")
-            irregular |= received != expected
             sizes[index] = received
             offset += received
         more = socket.getsockopt(zmq.RCVMORE)
-        if not irregular and not more:
+        # No part was longer than its length: so all had it if the total is the layout's.
+        if offset == main_length + layout.total and not more:
             main = layout.main
             return RawMessage(main.pulse_id, main.global_timestamp_ns, layout.header,
                               payload, main_length, layout.ends)
