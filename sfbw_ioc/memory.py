@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
-_INT_MAX = 2**31 - 1
+_NEVER = -1  # M_TRIM_THRESHOLD: free() never trims (malloc_trim still does)
 # Blocks above this are mmapped: a rare huge message must not stay in a heap.
 LARGEST_HEAP_BLOCK = 32 * 2**20
 TRIM_INTERVAL_S = 5.0
@@ -84,7 +84,7 @@ def tune_allocator() -> bool:
     # and trim the heap's top on a free once it holds twice an image, which would return
     # and refetch images all the time, and the reserve with them (the keeper trims).
     ok = (libc.mallopt(_M_MMAP_THRESHOLD, LARGEST_HEAP_BLOCK) == 1
-          and libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
+          and libc.mallopt(_M_TRIM_THRESHOLD, _NEVER) == 1
           and libc.mallopt(_M_ARENA_MAX, 1) == 1)
     if not ok:
         log.warning("mallopt refused the allocator settings; images are served with mmap")
