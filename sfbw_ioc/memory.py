@@ -18,8 +18,8 @@ they are, and leaves it free in the heap for the receiver. All threads share one
 arena, so that what the keeper touched is what the receiver's allocations get.
 
 The heap keeps what it freed (after a flood of 1 MiB images through a 200 MiB ring:
-584 MiB instead of ~270 MiB), so the keeper trims it periodically, but only when more is
-free than the ring can still fill: the reserve is kept, a flood's excess goes back.
+584 MiB instead of ~270 MiB), so the keeper trims it periodically, all but the part of
+the reserve that the ring has not filled yet: a flood's excess goes back.
 """
 from __future__ import annotations
 
@@ -38,17 +38,8 @@ _NEVER = -1  # M_TRIM_THRESHOLD: free() never trims (malloc_trim still does)
 # Blocks above this are mmapped: a rare huge message must not stay in a heap.
 LARGEST_HEAP_BLOCK = 32 * 2**20
 TRIM_INTERVAL_S = 5.0
-# Free memory tolerated beyond the reserve before a trim: the churn of a stream's
-# batches and ZeroMQ's buffers, which would otherwise be returned and refetched.
-TRIM_SLACK = 64 * 2**20
 RESERVE_POLL_S = 0.1
 _RESERVE_BLOCK = 16 * 2**20  # below LARGEST_HEAP_BLOCK: served from the heap
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
 
 
 class Ring(Protocol):
@@ -64,12 +55,12 @@ def _glibc() -> ctypes.CDLL | None:
         libc = ctypes.CDLL(None)
     except OSError:
         return None
-    if not all(hasattr(libc, name) for name in ("mallopt", "malloc_trim", "mallinfo2")):
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
         return None
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
-    libc.mallinfo2.restype = _MallInfo2
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
     return libc
 
 
@@ -170,7 +161,8 @@ class HeapTrimmer(threading.Thread):
     def _trim_beyond_reserve(self) -> None:
         held = self._ring.held_bytes() if self._ring is not None else 0
         keep = max(0, self._reserved - held)
-        if self._ring is not None and self._libc.mallinfo2().fordblks <= keep + TRIM_SLACK:
-            return
-        self._libc.malloc_trim(0)  # every free page is MADV_DONTNEED: the reserve too
-        self._reserved = held
+        # Every free chunk inside the heap is returned (MADV_DONTNEED); the heap's top is
+        # cut down to ``keep``, and the reserve is there: touch_heap took it from the top
+        # and gave it back to it, and the ring takes what it fills from it.
+        self._libc.malloc_trim(keep)
+        self._reserved = held + keep
