@@ -14,6 +14,7 @@ Exit status 1 when a scenario failed (lost messages, wrong rows, an IOC error).
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing
 import os
 import shutil
@@ -32,7 +33,7 @@ import numpy as np
 import zmq
 
 from common import MiB, CpuMeter, Ioc, ca_setup, machine_busy_seconds, poll
-from harness import BsreadSource, PreEncoded
+from harness import BsreadSource, IncompressibleCamera, PacedSender, PreEncoded
 
 from sfbw_ioc.bsread import ChannelSpec, Encoder
 
@@ -280,25 +281,32 @@ print("done", flush=True)
 """
 
 
-def bare_pull_rate(frames: list[list[bytes]]) -> float:
-    """Messages/s a bare pyzmq PULL loop in its own process drains from our PUSH socket
-    (blocking recv_multipart with copies, as the IOC's receiver does)."""
+def bare_loop_rate(script: str, frames: list[list[bytes]], *args: str) -> float:
+    """Messages/s of ``script`` (python -c SCRIPT ADDRESS N ARGS...: connects to our PUSH
+    socket, takes one message, prints "ready", takes N more, prints "done"), from the
+    first of the N sent to "done"."""
     source = BsreadSource()
-    child = subprocess.Popen([sys.executable, "-c", BARE_PULL, source.address, str(len(frames))],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", script, source.address, str(len(frames)),
+                              *args], stdout=subprocess.PIPE, text=True)
     try:
         source.send_frames(frames[0])
         if child.stdout.readline().strip() != "ready":
-            raise RuntimeError("bare PULL loop did not start")
+            raise RuntimeError("bare loop did not start")
         t0 = time.perf_counter()
         for message in frames:
             source.send_frames(message)
         if child.stdout.readline().strip() != "done":
-            raise RuntimeError("bare PULL loop did not finish")
+            raise RuntimeError("bare loop did not finish")
         return len(frames) / (time.perf_counter() - t0)
     finally:
-        child.wait(30)
+        child.wait(60)
         source.close()
+
+
+def bare_pull_rate(frames: list[list[bytes]]) -> float:
+    """Messages/s a bare pyzmq PULL loop in its own process drains from our PUSH socket
+    (blocking recv_multipart with copies, as the IOC's receiver does)."""
+    return bare_loop_rate(BARE_PULL, frames)
 
 
 def scenario_scalars(opts, world_args) -> None:
@@ -362,66 +370,237 @@ def scenario_wide(opts, world_args) -> None:
                f"{t_done - t_sent:.2f} s after it")
         check_acquisition(ioc, world.out / "wide.h5", first, count,
                           channels=[s.name for s in stream.specs[::97]])
-        result("wide", percent, "% of one core", 60.0)
+        result("wide", percent, "% of one core", 40.0)
 
 
-# ---- 3. camera ------------------------------------------------------------------------
+# ---- 3. camera, cold ------------------------------------------------------------------
 
-def scenario_camera(opts, world_args) -> None:
-    import h5py
-    import hdf5plugin  # noqa: F401
-    n = opts.frames
+BARE_CAMERA = """
+import os, sys, h5py, hdf5plugin, zmq
+address, n, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+socket = zmq.Context().socket(zmq.PULL)
+socket.setsockopt(zmq.RCVHWM, 100)  # as the IOC's receiver
+socket.connect(address)
+socket.recv_multipart()
+print("ready", flush=True)
+f = h5py.File(path, "w")
+data = f.create_dataset("data", (n, 480, 640), "uint16", chunks=(1, 480, 640),
+                        **hdf5plugin.Bitshuffle(cname="lz4"))
+for i in range(n):
+    data.id.write_direct_chunk((i, 0, 0), socket.recv_multipart(copy=False)[2].buffer)
+f.close()
+fd = os.open(path, os.O_RDONLY)
+os.fsync(fd)
+os.close(fd)
+print("done", flush=True)
+"""
+
+
+def bare_camera_rate(directory: Path, frames: list[list[bytes]]) -> float:
+    """Frames/s of the physical pipeline: one process receives the frames from our PUSH
+    socket and writes each value with write_direct_chunk into one dataset (no checks,
+    no ring), fsync at the end; from the first send to the fsync's end."""
+    path = directory / f"bare-{os.getpid()}.h5"
+    try:
+        return bare_loop_rate(BARE_CAMERA, frames, str(path))
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def camera_frames(n: int, first: int) -> tuple[CameraMessages, list[list[bytes]]]:
     stream = CameraMessages()
-    first = BASE_PULSE_ID + 3_000_000
-    frames = [stream.frames(p) for p in range(first, first + n + 1)]
-    value_bytes = [message[2] for message in frames[:n]]
-    total = sum(map(len, value_bytes))
+    frames = [stream.frames(p) for p in range(first, first + n + 1)]  # +1: past the stop
+    total = sum(len(message[2]) for message in frames[:n])
     detail(f"{n} frames 640x480 uint16, bitshuffle_lz4 on the wire: "
            f"{total / n / 1e3:.0f} kB per frame ({total / n / (640 * 480 * 2):.2f} of raw), "
            f"{total / 1e6:.0f} MB in all")
+    return stream, frames
+
+
+def settle_memory(ioc: Ioc, quiet_s: float = 0.5) -> None:
+    """Wait until the IOC's RSS has not changed for ``quiet_s``: a fresh IOC touches the
+    memory its ring will take once the first messages show their size."""
+    last = [ioc.rss(), time.monotonic()]
+
+    def quiet() -> bool:
+        rss, now = ioc.rss(), time.monotonic()
+        if abs(rss - last[0]) > MiB:
+            last[:] = rss, now
+        return now - last[1] >= quiet_s
+    poll(quiet, timeout=60, interval=0.05, what="the IOC's memory to settle")
+
+
+def camera_acquisition(world: World, stream: CameraMessages, frames: list[list[bytes]],
+                       first: int, name: str, fill_ring: bool) -> float:
+    """Frames/s of one acquisition of ``frames`` (all but the last, which passes the
+    stop) through a new IOC whose ring holds them all: first send -> STOP callback."""
+    import h5py
+    import hdf5plugin  # noqa: F401
+    n = len(frames) - 1
+    frame_bytes = sum(len(message[2]) for message in frames[:n]) / n
+    ring_length = n + 2 * WARMUP
+    ioc = world.start_ioc(["--buffer-length", str(ring_length),
+                           "--buffer-bytes", str(int(ring_length * frame_bytes * 1.2))])
+    send = world.source.send_frames
+    # An IOC at the beamline buffers all the time: its ring has wrapped long before an
+    # acquisition, and new images reuse the memory of evicted ones (fill_ring); a fresh
+    # IOC's first acquisition runs on an empty ring (the cold scenario).
+    t = time.perf_counter()
+    warm_up(ioc, lambda p: send(stream.frames(p)), first,
+            count=ring_length if fill_ring else WARMUP)
+    settle_memory(ioc)
+    detail(f"{'ring filled once' if fill_ring else 'empty ring (fresh IOC)'} before the "
+           f"acquisition ({ring_length if fill_ring else WARMUP} frames, "
+           f"{time.perf_counter() - t:.1f} s); IOC RSS {ioc.rss() / MiB:.0f} MiB")
+    done = start_range(ioc, f"{name}.h5", first, first + n - 1)
+    cpu0, busy0 = ioc.cpu(), machine_busy_seconds()
+    t0 = time.perf_counter()
+    for message in frames:
+        send(message)
+    t_sent = time.perf_counter()
+    t_done = wait_done(done, timeout=600)
+    ioc_cpu, busy = ioc.cpu() - cpu0, machine_busy_seconds() - busy0
+    wall = t_done - t0
+    detail(f"sent in {t_sent - t0:.2f} s ({n / (t_sent - t0):.0f} frames/s), file closed "
+           f"{t_done - t_sent:.2f} s after the last send")
+    detail(f"CPU from the first send to the file's close: the IOC {ioc_cpu / n * 1e3:.2f} ms "
+           f"per frame ({ioc_cpu / wall * 100:.0f}% of one core), the machine "
+           f"{busy / wall / os.cpu_count() * 100:.0f}% busy on {os.cpu_count()} CPUs")
+    path = world.out / f"{name}.h5"
+    check_acquisition(ioc, path, first, n)
+    with h5py.File(path, "r") as f:
+        data = f["data"][CAMERA_SPEC.name]["data"]
+        row = n // 2
+        if not np.array_equal(np.asarray(data[row]).reshape(480, 640),
+                              stream.image_for(first + row)):
+            raise ScenarioFailed(f"frame of row {row} differs from what was sent")
+        detail(f"file: {path.stat().st_size / 1e6:.0f} MB, dataset {data.shape} "
+               f"chunks {data.chunks} filters {list(data._filters)}")
+    detail(f"IOC: {n / wall:.0f} frames/s")
+    return n / wall
+
+
+def scenario_camera(opts, world_args) -> None:
+    n = opts.frames
+    first = BASE_PULSE_ID + 3_000_000
+    stream, frames = camera_frames(n, first)
     with World(opts.scenario, **world_args) as world:
-        disk_s = min(fsync_seconds(world.out, value_bytes, time_write=True) for _ in range(2))
-        disk_rate = n / disk_s
-        detail(f"disk: os.write + os.fsync of those bytes: {total / disk_s / 1e6:.0f} MB/s = "
-               f"{disk_rate:.0f} frames/s (best of 2)")
-        # The ring holds the whole acquisition: the source outruns the IOC.
-        ring_length = n + 2 * WARMUP
-        ring_bytes = int(ring_length * total / n * 1.2)
-        ioc = world.start_ioc(["--buffer-length", str(ring_length),
-                               "--buffer-bytes", str(ring_bytes)])
-        send = world.source.send_frames
-        # An IOC at the beamline buffers all the time: its ring has wrapped long before an
-        # acquisition, and new images reuse the memory of evicted ones. A ring filled for
-        # the first time takes fresh pages from the kernel (here ~2x slower end to end).
-        t = time.perf_counter()
-        warm_up(ioc, lambda p: send(stream.frames(p)), first, count=ring_length)
-        detail(f"ring filled once before the acquisition ({ring_length} frames, "
-               f"{time.perf_counter() - t:.1f} s)")
-        done = start_range(ioc, f"{opts.scenario}.h5", first, first + n - 1)
-        cpu0, busy0 = ioc.cpu(), machine_busy_seconds()
-        t0 = time.perf_counter()
-        for message in frames:
-            send(message)
-        t_sent = time.perf_counter()
-        t_done = wait_done(done, timeout=600)
-        ioc_cpu, busy = ioc.cpu() - cpu0, machine_busy_seconds() - busy0
-        wall = t_done - t0
-        detail(f"sent in {t_sent - t0:.2f} s ({n / (t_sent - t0):.0f} frames/s), file closed "
-               f"{t_done - t_sent:.2f} s after the last send")
-        detail(f"CPU from the first send to the file's close: the IOC {ioc_cpu / n * 1e3:.2f} ms "
-               f"per frame ({ioc_cpu / wall * 100:.0f}% of one core), the machine "
-               f"{busy / wall / os.cpu_count() * 100:.0f}% busy on {os.cpu_count()} CPUs")
-        path = world.out / f"{opts.scenario}.h5"
-        check_acquisition(ioc, path, first, n)
-        with h5py.File(path, "r") as f:
-            data = f["data"][CAMERA_SPEC.name]["data"]
-            row = n // 2
-            if not np.array_equal(np.asarray(data[row]).reshape(480, 640),
-                                  stream.image_for(first + row)):
-                raise ScenarioFailed(f"frame of row {row} differs from what was sent")
-            detail(f"file: {path.stat().st_size / 1e6:.0f} MB, dataset {data.shape} "
-                   f"chunks {data.chunks} filters {list(data._filters)}")
-        result(opts.scenario, n / wall, "frames/s", disk_rate)
+        values = [message[2] for message in frames[:n]]
+        disk_s = min(fsync_seconds(world.out, values, time_write=True) for _ in range(2))
+        detail(f"disk: os.write + os.fsync of those bytes: "
+               f"{sum(map(len, values)) / disk_s / 1e6:.0f} MB/s = {n / disk_s:.0f} frames/s "
+               f"(best of 2)")
+        bare = max(bare_camera_rate(world.out, frames[:n]) for _ in range(2))
+        detail(f"bare pipeline (PULL -> write_direct_chunk, fsync): {bare:.0f} frames/s "
+               f"(best of 2)")
+        rate = camera_acquisition(world, stream, frames, first, opts.scenario, fill_ring=True)
+    result(f"{opts.scenario}-disk", rate, "frames/s", n / disk_s)
+    result(opts.scenario, rate, "frames/s", bare)
+
+
+def scenario_cold(opts, world_args) -> None:
+    """Each size on a fresh IOC with an empty ring, then on a fresh IOC whose ring was
+    filled once (the camera scenario's warm figure), back to back."""
+    for n in opts.frames:
+        first = BASE_PULSE_ID + 8_000_000
+        stream, frames = camera_frames(n, first)
+        figures = {}
+        for fill_ring in (False, True):
+            kind = "warm" if fill_ring else "cold"
+            with World(f"cold-{n}-{kind}", **world_args) as world:
+                figures[kind] = camera_acquisition(world, stream, frames, first,
+                                                   f"{kind}-{n}", fill_ring)
+        result(f"cold-{n}", figures["cold"], "frames/s (empty ring)", figures["warm"],
+               "frames/s (ring filled once)")
+
+
+# ---- 3b. paced ------------------------------------------------------------------------
+
+PACED_SIZES = {  # name: image shape (uint16, incompressible), or None for scalars
+    "1KiB-scalars": None, "240KiB": (240, 512), "2MiB": (1024, 1024), "8MiB": (2048, 2048)}
+
+
+@functools.lru_cache(maxsize=None)
+def paced_messages(size: str) -> Callable[[int], list[bytes]]:
+    if PACED_SIZES[size] is None:
+        return ScalarMessages(6, block=100).fast_frames  # 6 float64 scalars: ~1 KiB
+    return IncompressibleCamera(PACED_SIZES[size]).frames
+
+
+def lag_samples(ioc: Ioc, sender: PacedSender, period: float = 0.1) -> list[float]:
+    """Writer lag while ``sender`` runs: seconds since the oldest message of the
+    acquisition (which starts at the sender's first) that WRITTEN does not count yet
+    was sent. WRITTEN is published at 2 Hz: a sample may be up to 0.5 s too high."""
+    samples = []
+    while sender.is_alive():
+        written = int(ioc.get("WRITTEN"))
+        now = time.monotonic()
+        sent_at = sender.sent_at
+        samples.append(now - sent_at[written] if written < len(sent_at) else 0.0)
+        time.sleep(period)  # a sampling period
+    return samples
+
+
+def paced_case(ioc: Ioc, source: BsreadSource, out: Path, size: str, rate: float,
+               seconds: float, first: int) -> str:
+    frames = paced_messages(size)
+    nbytes = sum(map(len, frames(first)))
+    name = f"paced-{size}-{rate:g}Hz.h5"
+    ioc.put("OUTPUT_FILE", name)
+    ioc.put("START_PULSE_ID", first)
+    count = round(seconds * rate)
+    sender = PacedSender(source, first, rate_hz=rate, frames=frames, count=count)
+    cpu = CpuMeter(ioc.pid)
+    sender.start()
+    lags = lag_samples(ioc, sender)
+    percent = cpu.percent()
+    sender.join()
+    late = max(np.diff(sender.sent_at) - 1 / rate, default=0.0)
+    # The stop: half a second ahead of a live stream, a put with callback.
+    stopper = PacedSender(source, first + count, rate_hz=rate, frames=frames)
+    stopper.start()
+    stop = first + count + max(1, round(rate / 2))
+    done: dict = {}
+    ioc.put_callback("STOP_PULSE_ID", stop, done)
+    poll(lambda: "t" in done, timeout=120, interval=0.002, what="STOP put callback")
+    stop_s = time.perf_counter() - done["t"]  # callback -> now, in perf_counter
+    t_done = time.monotonic() - stop_s
+    stopper.finish()
+    if len(stopper.sent) <= stop - first - count:
+        raise ScenarioFailed(f"{name}: the file closed before the stop pulse was sent")
+    stop_ms = (t_done - stopper.sent_at[stop - first - count]) * 1e3
+    lost = ioc.get("LOST")
+    check_acquisition(ioc, out / name, first, stop - first + 1,
+                      channels=None if PACED_SIZES[size] is None else ["PACED:FRAME"])
+    lags_ms = np.array(lags) * 1e3
+    return (f"paced {size:>12} {rate:5g} Hz ({nbytes * rate / MiB:6.1f} MiB/s, {count} msgs, "
+            f"sender at most {late * 1e3:.0f} ms late): lag p50 {np.median(lags_ms):.0f} ms "
+            f"max {lags_ms.max():.0f} ms, LOST {lost:.0f}, STOP -> file complete "
+            f"{stop_ms:.0f} ms, IOC CPU {percent:.0f}%")
+
+
+def scenario_paced(opts, world_args) -> None:
+    with World("paced", **world_args) as world:
+        probe = os.urandom(64 * MiB)
+        disk = 4 * len(probe) / min(fsync_seconds(world.out, [probe] * 4, time_write=True)
+                                    for _ in range(2))
+        limit = min(opts.max_mib_s * MiB, disk)
+        detail(f"disk: os.write + os.fsync of 256 MiB: {disk / MiB:.0f} MiB/s (best of 2); "
+               f"cases above {limit / MiB:.0f} MiB/s are skipped")
+        ioc = world.start_ioc([])
+        first = BASE_PULSE_ID + 9_000_000
+        for size in PACED_SIZES:
+            for rate in opts.rates:
+                frame_bytes = sum(map(len, paced_messages(size)(first)))
+                stream_rate = frame_bytes * rate
+                if stream_rate > limit:
+                    print(f"paced {size:>12} {rate:5g} Hz: skipped, {stream_rate / MiB:.0f} "
+                          f"MiB/s is more than this machine carries (limit "
+                          f"{limit / MiB:.0f} MiB/s)", flush=True)
+                    continue
+                line = paced_case(ioc, world.source, world.out, size, rate, opts.seconds, first)
+                print(line, flush=True)
+                first += 10_000_000
 
 
 # ---- 4. close -------------------------------------------------------------------------
@@ -584,6 +763,14 @@ def scenario_long(opts, world_args) -> None:
 
 # ---- command line ---------------------------------------------------------------------
 
+def int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def float_list(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
 SCENARIOS: dict[str, tuple[Callable, str, dict[str, tuple[type, object, object, str]]]] = {
     # name: (function, help, {option: (type, default, quick default, help)})
     "scalars": (scenario_scalars, "20 float64 scalars blasted: msgs/s vs a bare PULL loop", {
@@ -596,6 +783,13 @@ SCENARIOS: dict[str, tuple[Callable, str, dict[str, tuple[type, object, object, 
         "channels": (int, 1000, 1000, "float64 scalars per message")}),
     "camera": (scenario_camera, "640x480 bitshuffle_lz4 frames blasted: frames/s vs the disk", {
         "frames": (int, 1000, 300, "frames in the acquisition")}),
+    "cold": (scenario_cold, "camera on a fresh IOC (empty ring) vs one whose ring was filled", {
+        "frames": (int_list, [500, 2000], [500, 2000], "frames per acquisition, comma-separated")}),
+    "paced": (scenario_paced, "1 KiB..8 MiB messages at 10 and 100 Hz: writer lag, STOP, CPU", {
+        "seconds": (float, 60.0, 10.0, "duration of each case's stream"),
+        "rates": (float_list, [10.0, 100.0], [10.0, 100.0], "message rates, Hz, comma-separated"),
+        "max-mib-s": (float, 400.0, 400.0, "skip cases whose stream is faster (MiB/s); also "
+                      "skipped: faster than the disk's write+fsync rate")}),
     "camera-sustained": (scenario_camera, "camera, 7.2 GB: more than the kernel lets be dirty", {
         "frames": (int, 20_000, 5_000, "frames in the acquisition (the IOC's ring holds them "
                    "all: ~430 kB of RAM each)")}),
@@ -663,7 +857,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown scenarios: {sorted(unknown)}", file=sys.stderr)
         return 2
-    ports = ca_setup(len(names) + 1)
+    # One CA port per IOC: cold starts two per size.
+    ports = ca_setup(sum(2 * len(scenario_options(args, n).frames) if n == "cold" else 1
+                         for n in names) + 1)
     world_args = dict(ports=ports, tmp_parent=args.tmp, keep=args.keep)
     status = 0
     for name in names:

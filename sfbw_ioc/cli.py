@@ -214,8 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("simulated bsread source on %s", stream)
 
     memory.tune_allocator()
-    trimmer = memory.HeapTrimmer()
     ring = RingBuffer(args.buffer_length, args.buffer_bytes)
+    trimmer = memory.HeapTrimmer(ring=ring)
     malformed = MalformedCounter()
     try:
         forwarder = (Forwarder(args.output_port, args.output_mode)

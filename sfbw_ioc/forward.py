@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Sequence
 
 import zmq
+
+from .bsread import Buffer
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ class Forwarder:
         self._dropped = 0
         log.info("re-publishing the stream on %s (%s)", self.address, mode)
 
-    def send(self, frames: list[zmq.Frame]) -> None:
+    def send(self, frames: Sequence[Buffer]) -> None:
         """Send one message on, or count it dropped when a consumer's queue is full (or,
         for PUSH, nobody is connected)."""
         try:

@@ -1,28 +1,53 @@
-"""How the IOC uses glibc's allocator: images reused while they stream, free memory
-given back to the system a few seconds later.
+"""How the IOC uses glibc's allocator: the ring's memory touched before the ring needs
+it, images reused while they stream, free memory beyond that given back to the system.
 
 A ring of camera images allocates and frees one large block per message (two: ZeroMQ's
 and the ring's). Served with mmap, every block is fresh memory that the kernel zeroes
 and faults in page by page (23 % of the IOC's samples in ``clear_page``; the camera
 benchmark with a full ring ran at 650 frames/s, 1445 from the heap). Served from the
-heap, an evicted image's block is reused by the next one, already in memory. The heap
-keeps what it freed, though (after a flood of 1 MiB images through a 200 MiB ring:
-584 MiB instead of ~270 MiB), so a thread trims it periodically: while a stream runs,
-little is free at any moment and trimming costs nothing.
+heap, an evicted image's block is reused by the next one, already in memory.
+
+Until the ring is full once, though, every message lands on memory the process never
+touched: a page fault per 4 KiB (95 per 361 kB frame), and on a VM whose host backs
+memory lazily (free page reporting) first-touch memory is ~20 times slower than reused
+memory. A fresh IOC's first acquisition of camera frames ran at 0.67 of the speed of one
+whose ring had been filled. So the keeper thread touches the memory the ring will hold
+(``RingBuffer.expected_bytes``: its byte budget, or its message count times the size of
+the messages it holds, whichever is less) as soon as the first messages show how large
+they are, and leaves it free in the heap for the receiver. All threads share one
+arena, so that what the keeper touched is what the receiver's allocations get.
+
+The heap keeps what it freed (after a flood of 1 MiB images through a 200 MiB ring:
+584 MiB instead of ~270 MiB), so the keeper trims it periodically, all but the part of
+the reserve that the ring has not filled yet: a flood's excess goes back.
 """
 from __future__ import annotations
 
 import ctypes
 import logging
 import threading
+import time
+from typing import Callable, Protocol
 
 log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+_NEVER = -1  # M_TRIM_THRESHOLD: free() never trims (malloc_trim still does)
 # Blocks above this are mmapped: a rare huge message must not stay in a heap.
 LARGEST_HEAP_BLOCK = 32 * 2**20
 TRIM_INTERVAL_S = 5.0
+RESERVE_POLL_S = 0.1
+_RESERVE_BLOCK = 16 * 2**20  # below LARGEST_HEAP_BLOCK: served from the heap
+
+
+class Ring(Protocol):
+    """What the keeper needs of sfbw_ioc.ring.RingBuffer."""
+
+    def expected_bytes(self) -> int: ...
+
+    def held_bytes(self) -> int: ...
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -30,33 +55,70 @@ def _glibc() -> ctypes.CDLL | None:
         libc = ctypes.CDLL(None)
     except OSError:
         return None
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
+        return None
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    return libc
 
 
 def tune_allocator() -> bool:
-    """Serve blocks up to LARGEST_HEAP_BLOCK from the heap and never trim it on free;
-    False when the C library is not glibc (nothing tuned, nothing to trim)."""
+    """Serve blocks up to LARGEST_HEAP_BLOCK from one heap shared by all threads, which
+    free() never trims by itself; False when the C library is not glibc (nothing tuned,
+    nothing to trim). Call before the threads start."""
     libc = _glibc()
     if libc is None:
         return False
     # Fixed values: glibc's dynamic ones serve images with mmap until the first is freed,
     # and trim the heap's top on a free once it holds twice an image, which would return
-    # and refetch images all the time.
+    # and refetch images all the time, and the reserve with them (the keeper trims).
     ok = (libc.mallopt(_M_MMAP_THRESHOLD, LARGEST_HEAP_BLOCK) == 1
-          and libc.mallopt(_M_TRIM_THRESHOLD, 2 * LARGEST_HEAP_BLOCK) == 1)
+          and libc.mallopt(_M_TRIM_THRESHOLD, _NEVER) == 1
+          and libc.mallopt(_M_ARENA_MAX, 1) == 1)
     if not ok:
         log.warning("mallopt refused the allocator settings; images are served with mmap")
     return ok
 
 
-class HeapTrimmer(threading.Thread):
-    """Gives the heap's free memory back to the system every ``interval`` seconds."""
+def touch_heap(libc: ctypes.CDLL, room: Callable[[], int]) -> int:
+    """Take heap in blocks until they cover ``room()`` (asked before each block), write
+    every page of them and free them all: they stay in the heap, in memory, for the
+    next allocations. A block the room no longer needs is freed at once: a ring that
+    fills meanwhile takes memory of its own, and holding both would double it.
+    Returns the bytes held at the end."""
+    blocks: list[int] = []
+    try:
+        while True:
+            left = room()
+            while blocks and (len(blocks) - 1) * _RESERVE_BLOCK >= left:
+                libc.free(blocks.pop())
+            if len(blocks) * _RESERVE_BLOCK >= left:
+                return len(blocks) * _RESERVE_BLOCK
+            block = libc.malloc(_RESERVE_BLOCK)
+            if not block:
+                return len(blocks) * _RESERVE_BLOCK
+            blocks.append(block)
+            ctypes.memset(block, 0, _RESERVE_BLOCK)
+    finally:
+        for block in blocks:
+            libc.free(block)
 
-    def __init__(self, interval: float = TRIM_INTERVAL_S) -> None:
+
+class HeapTrimmer(threading.Thread):
+    """Every ``interval`` seconds gives the heap's free memory back to the system, unless
+    it is the reserve for ``ring`` (then it keeps that, touched ahead of the ring's
+    first fill). Without a ring: every round trims."""
+
+    def __init__(self, interval: float = TRIM_INTERVAL_S, ring: Ring | None = None) -> None:
         super().__init__(name="heap-trimmer", daemon=True)
         self._interval = interval
+        self._ring = ring
         self._stop_event = threading.Event()
         self._libc = _glibc()
+        # Bytes the heap holds for the ring, in the ring or free (touched by us).
+        self._reserved = 0
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -64,5 +126,43 @@ class HeapTrimmer(threading.Thread):
     def run(self) -> None:
         if self._libc is None:
             return
-        while not self._stop_event.wait(self._interval):
-            self._libc.malloc_trim(0)  # every arena: its free pages are MADV_DONTNEED
+        period = RESERVE_POLL_S if self._ring is not None else self._interval
+        next_trim = time.monotonic() + self._interval
+        while not self._stop_event.wait(period):
+            if self._ring is not None:
+                self._reserve()
+            if time.monotonic() >= next_trim:
+                next_trim += self._interval
+                self._trim_beyond_reserve()
+
+    def _reserve(self) -> None:
+        target = self._ring.expected_bytes()
+        if target - max(self._reserved, self._ring.held_bytes()) < _RESERVE_BLOCK:
+            return
+        reserved = max(self._reserved, self._ring.held_bytes())
+        last_held = [self._ring.held_bytes()]
+
+        def room() -> int:
+            held = self._ring.held_bytes()
+            # A ring that grew by a block while we touched one outruns us (a flood): it
+            # takes fresh memory anyway, and touching more would only add to it.
+            outrun = held - last_held[0] >= _RESERVE_BLOCK
+            last_held[0] = held
+            if self._stop_event.is_set() or outrun:
+                return 0
+            return target - max(reserved, held)
+        t = time.monotonic()
+        touched = touch_heap(self._libc, room)
+        self._reserved = max(reserved, self._ring.held_bytes()) + touched
+        if touched:
+            log.info("memory for the ring: %d MiB touched in %.2f s (%d MiB reserved in "
+                     "all)", touched >> 20, time.monotonic() - t, self._reserved >> 20)
+
+    def _trim_beyond_reserve(self) -> None:
+        held = self._ring.held_bytes() if self._ring is not None else 0
+        keep = max(0, self._reserved - held)
+        # Every free chunk inside the heap is returned (MADV_DONTNEED); the heap's top is
+        # cut down to ``keep``, and the reserve is there: touch_heap took it from the top
+        # and gave it back to it, and the ring takes what it fills from it.
+        self._libc.malloc_trim(keep)
+        self._reserved = held + keep

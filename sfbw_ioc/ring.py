@@ -31,7 +31,7 @@ class RawMessage:
     pulse_id: int
     global_timestamp_ns: int
     header: DataHeader
-    payload: bytes  # the main header, then every value and timestamp part
+    payload: bytes | bytearray  # the main header, then every value and timestamp part
     main_length: int  # of the main header
     # Where each value and timestamp part ends, counted from the end of the main header:
     # messages of a steady stream have equal ``ends`` although their main headers vary.
@@ -225,6 +225,18 @@ class RingBuffer:
             while self._count():
                 self._evict_oldest()
             self._cond.notify_all()
+
+    def held_bytes(self) -> int:
+        """Bytes of the messages the ring holds now."""
+        with self._cond:
+            return self._nbytes
+
+    def expected_bytes(self) -> int:
+        """Bytes the ring will hold once full of messages of the mean size of those it
+        holds now (0 while empty): the memory it is going to take."""
+        with self._cond:
+            count = self._count()
+            return min(self.max_bytes, self.max_messages * self._nbytes // count) if count else 0
 
     def wake_readers(self) -> None:
         """Wake threads blocked in ``wait_for`` so they can look at new commands."""

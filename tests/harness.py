@@ -291,6 +291,25 @@ class PreEncoded:
         return [main, *self._messages[pulse_id % len(self._messages)][1:]]
 
 
+class IncompressibleCamera:
+    """Incompressible uint16 frames with bitshuffle_lz4 (the worst case for the disk),
+    a few distinct ones encoded once and cycled by pulse id."""
+
+    def __init__(self, shape: tuple[int, ...], distinct: int = 4) -> None:
+        self.spec = ChannelSpec("PACED:FRAME", "uint16", shape, compression="bitshuffle_lz4")
+        rng = np.random.default_rng(7)
+        self.images = [rng.integers(0, 65535, shape, dtype=np.uint16) for _ in range(distinct)]
+        self._encoded = PreEncoded([
+            encode_message(p, timestamp_for(p), [(self.spec, image, timestamp_for(p))])
+            for p, image in enumerate(self.images)])
+
+    def frames(self, pulse_id: int) -> list[bytes]:
+        return self._encoded.frames(pulse_id)
+
+    def image_for(self, pulse_id: int) -> np.ndarray:
+        return self.images[pulse_id % len(self.images)]
+
+
 class PacedSender(threading.Thread):
     """Sends consecutive pulse ids at ``rate_hz`` on a drift-free schedule until stopped
     or ``count`` are sent; ``sent`` in order, ``sent_at`` when each went out. The

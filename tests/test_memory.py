@@ -43,3 +43,57 @@ def test_freed_images_are_reused_and_trimmed_back_to_the_system():
     assert freed > base + 250  # freed blocks stay in the heap, ready for reuse...
     assert reused < freed + 20  # ...and the next images take them: no fresh memory
     assert trimmed < base + 100  # the trimmer returned them: 30 MiB kept, 270 freed
+
+
+RESERVE_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, "tests")
+    from harness import poll
+    from sfbw_ioc.bsread import ChannelSpec, HeaderCache, encode_message, parse_main_header
+    from sfbw_ioc.memory import HeapTrimmer, tune_allocator
+    from sfbw_ioc.ring import RawMessage, RingBuffer
+    import numpy as np
+
+    def rss_mib():
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+
+    assert tune_allocator()
+    spec = ChannelSpec("T:WF", "uint8", (1 << 20,))  # 1 MiB messages, 100 in the ring
+    frames = encode_message(1, 0, [(spec, np.zeros(1 << 20, np.uint8), 0)])
+    header = HeaderCache().get(parse_main_header(frames[0]), frames[1])
+
+    def message(pulse_id):  # a new 1 MiB block each, as the receiver's copy
+        return RawMessage.pack(pulse_id, 0, header, frames)
+
+    ring = RingBuffer(100, 2**30)
+    trimmer = HeapTrimmer(interval=0.2, ring=ring)
+    trimmer.start()
+    base = rss_mib()
+    ring.extend([message(p) for p in range(5)])  # the ring will take ~100 MiB
+    poll(lambda: rss_mib() > base + 90, timeout=30, what="the ring's memory touched")
+    reserved = rss_mib()
+    lowest, window_end = reserved, time.monotonic() + 1.0  # five trimmer rounds
+    while time.monotonic() < window_end:
+        lowest = min(lowest, rss_mib())
+        time.sleep(0.05)  # a sampling period
+    for pulse_id in range(5, 150):  # filled, then evicting
+        ring.append(message(pulse_id))
+    filled = rss_mib()
+    flood = [message(p) for p in range(300)]  # 300 MiB outside the ring's budget...
+    del flood  # ...freed: more than the ring can still fill
+    poll(lambda: rss_mib() < filled + 30, timeout=10, what="the excess trimmed")
+    trimmer.stop()
+    print(base, reserved, lowest, filled, rss_mib())
+""")
+
+
+def test_the_rings_memory_is_touched_ahead_kept_and_only_the_excess_trimmed():
+    result = subprocess.run([sys.executable, "-c", RESERVE_SCRIPT], capture_output=True,
+                            text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    base, reserved, lowest, filled, trimmed = map(int, result.stdout.split())
+    assert reserved > base + 90  # touched once the first messages showed their size
+    assert lowest > reserved - 10  # the trimmer keeps the reserve round after round
+    assert filled < reserved + 20  # the ring fills on the touched memory: nothing fresh
+    assert trimmed < filled + 30

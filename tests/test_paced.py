@@ -13,32 +13,12 @@ import h5py
 import numpy as np
 import pytest
 
-from harness import (BsreadSource, IocProcess, PacedSender, PreEncoded, poll, timestamp_for,
-                     unique_prefix)
-from sfbw_ioc.bsread import ChannelSpec, encode_message
+from harness import (BsreadSource, IncompressibleCamera as Camera, IocProcess, PacedSender,
+                     poll, unique_prefix)
 
 _bases = itertools.count(30_000_000_000, 100_000)
 # WRITTEN is published twice a second: a reading can be that much older than the file.
 _PUBLISH_PERIOD_S = 0.5
-
-
-class Camera:
-    """Incompressible uint16 frames with bitshuffle_lz4 (the worst case for the disk),
-    a few distinct ones encoded once and cycled by pulse id."""
-
-    def __init__(self, shape: tuple[int, ...], distinct: int = 4) -> None:
-        self.spec = ChannelSpec("PACED:FRAME", "uint16", shape, compression="bitshuffle_lz4")
-        rng = np.random.default_rng(7)
-        self.images = [rng.integers(0, 65535, shape, dtype=np.uint16) for _ in range(distinct)]
-        self._encoded = PreEncoded([
-            encode_message(p, timestamp_for(p), [(self.spec, image, timestamp_for(p))])
-            for p, image in enumerate(self.images)])
-
-    def frames(self, pulse_id: int) -> list[bytes]:
-        return self._encoded.frames(pulse_id)
-
-    def image_for(self, pulse_id: int) -> np.ndarray:
-        return self.images[pulse_id % len(self.images)]
 
 
 @pytest.fixture(scope="module")
