@@ -319,6 +319,8 @@ class LiveSlot(PVGroup):
         return value
 
     async def publish(self, sample: ChannelSample | None) -> None:
+        if _stale(sample, self.NAME):
+            return
         if await _set_alarm(self.NAME, sample.problem if sample else None):
             await self._report(f"{self.NAME.pvname} {sample.name!r}: {sample.problem}")
         if sample is None or sample.problem:
@@ -367,6 +369,8 @@ class LiveImage(PVGroup):
         return value
 
     async def publish(self, sample: ImageSample) -> None:
+        if _stale(sample, self.NAME):
+            return
         if await _set_alarm(self.NAME, sample.problem):
             await self._report(f"{self.NAME.pvname} {sample.name!r}: {sample.problem}")
         if sample.problem:
@@ -378,6 +382,12 @@ class LiveImage(PVGroup):
         await self.BINNING.write(sample.binning, timestamp=stamp)
         await self.PULSE_ID.write(float(sample.pulse_id), timestamp=stamp)
         await self.ARRAY.write(sample.array, timestamp=stamp)
+
+
+def _stale(sample: ChannelSample | ImageSample | None, name_pv) -> bool:
+    """A sample of a channel no longer chosen: sampled before a NAME put that changed or
+    cleared it (a frame takes tens of ms to decode), and not to be shown after it."""
+    return sample is not None and sample.name != name_pv.value.strip()
 
 
 def _fit_utf8(text: str, max_bytes: int) -> str:

@@ -17,15 +17,65 @@ from sfbw_ioc.ioc import ioc_class
 
 DB_FILE = REPO / "db" / "sfbw.db"
 PANEL = REPO / "db" / "sfbw.bob"
-# Widget types of Phoebus' Display Builder (its docs' widget list, phoebus 4.7).
+# What Phoebus' Display Builder knows, read in its source (ControlSystemStudio/phoebus,
+# commit 9bdac32, 2026-08-07). Widget types: the WidgetDescriptor type names of
+# app/display/model/.../model/widgets/ and of the widget modules app/display/linearmeter,
+# thumbwheel and waterfallplot.
 PHOEBUS_WIDGETS = {
-    "action_button", "arc", "array", "bool_button", "byte_monitor", "checkbox", "choice",
-    "combo", "ellipse", "embedded", "fileselector", "group", "image", "label", "led",
-    "linear-meter", "meter", "multi_state_led", "navtabs", "picture", "polygon", "polyline",
-    "progressbar", "radio", "rectangle", "scaledslider", "scrollbar", "slide_button",
-    "spinner", "stripchart", "symbol", "table", "tabs", "tank", "text-symbol", "textentry",
-    "textupdate", "thermometer", "thumbwheel", "webbrowser", "xyplot", "3dviewer",
+    "3dviewer", "action_button", "arc", "array", "bool_button", "byte_monitor", "checkbox",
+    "choice", "clock", "combo", "databrowser", "digital_clock", "ellipse", "embedded",
+    "fileselector", "group", "image", "label", "led", "linearmeter", "meter",
+    "multi_state_led", "navtabs", "picture", "polygon", "polyline", "progressbar", "radio",
+    "rectangle", "scaledslider", "scrollbar", "slide_button", "spinner", "stripchart",
+    "symbol", "table", "tabs", "tank", "template", "text-symbol", "textentry", "textupdate",
+    "thermometer", "thumbwheel", "waterfallplotwidget", "webbrowser", "xyplot",
 }
+# For the types the panel uses: the version Phoebus writes (getVersion) and the persisted
+# properties (defineProperties of the widget class and its base classes: Widget's
+# constructor, VisibleWidget, PVWidget, WritablePVWidget, MacroWidget, BaseLEDWidget).
+_WIDGET = {"type", "name", "class", "x", "y", "width", "height", "actions", "rules", "scripts",
+           "visible", "tooltip"}
+_PV = {"pv_name", "border_alarm_sensitive"}
+_TEXT = {"font", "foreground_color", "background_color", "horizontal_alignment",
+         "vertical_alignment"}
+PHOEBUS_PROPERTIES = {
+    "label": ("2.0.0", _WIDGET | _TEXT | {"text", "macros", "auto_size", "rotation_step",
+                                          "transparent", "wrap_words"}),
+    "group": ("3.0.0", _WIDGET | {"macros", "style", "font", "foreground_color",
+                                  "background_color", "line_color", "transparent"}),
+    "textentry": ("3.0.0", _WIDGET | _PV | _TEXT | {"pv_writable", "enabled", "format",
+                                                    "precision", "show_units", "multi_line",
+                                                    "wrap_words"}),
+    "textupdate": ("2.0.0", _WIDGET | _PV | _TEXT | {"format", "precision", "show_units",
+                                                     "transparent", "wrap_words",
+                                                     "rotation_step", "interactive"}),
+    "action_button": ("3.0.0", _WIDGET | _PV | _TEXT | {
+        "pv_writable", "enabled", "text", "transparent", "rotation_step",
+        "show_confirm_dialog", "confirm_message", "password"}),
+    "combo": ("2.0.0", _WIDGET | _PV | {"pv_writable", "font", "foreground_color",
+                                        "background_color", "items", "items_from_pv",
+                                        "editable", "enabled", "show_confirm_dialog",
+                                        "confirm_message", "password"}),
+    "multi_state_led": ("2.0.0", _WIDGET | _PV | {"font", "foreground_color", "line_color",
+                                                  "square", "states", "fallback_label",
+                                                  "fallback_color"}),
+    "image": ("2.0.0", _WIDGET | _PV | {
+        "background_color", "foreground_color", "show_toolbar", "color_map", "color_bar",
+        "x_axis", "y_axis", "limits_from_pv", "data_width", "data_height", "interpolation",
+        "color_mode", "unsigned", "autoscale", "log_scale", "minimum", "maximum",
+        "cursor_info_pv", "x_pv", "y_pv", "cursor_crosshair", "rois"}),
+}
+# Elements of structured properties (ImageWidget's ColorBarProperty and AxisWidgetProperty,
+# MultiStateLEDWidget's StateWidgetProperty, the write_pv action of WritePVAction).
+PHOEBUS_STRUCTURES = {
+    "color_bar": {"visible", "bar_size", "scale_font"},
+    "x_axis": {"visible", "title", "minimum", "maximum", "title_font", "scale_font"},
+    "y_axis": {"visible", "title", "minimum", "maximum", "title_font", "scale_font"},
+    "states/state": {"value", "label", "color"},
+    "actions/action": {"description", "pv_name", "value"},
+}
+# Phoebus' MacroHandler: $(NAME) or ${NAME}, $(NAME=default) when NAME is not defined.
+MACRO = re.compile(r"\$[({]([A-Za-z][A-Za-z0-9_]*)(?:=([^)}]*))?[)}]")
 RECORD = re.compile(r'^record\((\w+), "\$\(P\)([^"]+)"\)', re.M)
 FIELD = re.compile(r'field\((\w+), "([^"]*)"\)')
 ALIAS = re.compile(r'^alias\("\$\(P\)([^"]+)", "\$\(P\)([^"]+)"\)', re.M)
@@ -99,16 +149,48 @@ def test_the_simulated_stream_fills_pvs_and_a_real_file(demo):
         assert camera["data"].ndim == 3 and camera["data"][present][0].any()
 
 
-def test_the_panel_names_only_pvs_the_ioc_serves(demo):
+@pytest.mark.parametrize("writer", ["", "W2:"])
+def test_the_panel_names_only_pvs_the_ioc_serves(demo, writer):
     ioc, _ = demo
     served = poll(lambda: _logged_pv_names(ioc.log()), what="--list-pvs output")
     panel = ElementTree.parse(PANEL).getroot()
-    named = {element.text.strip().replace("$(P)", ioc.prefix)
-             for element in panel.iter("pv_name")}
-    assert ioc.pv("IMAGE:ARRAY") in named and ioc.pv("LIVE8:NAME") in named
+    macros = {"P": ioc.prefix, "W": writer}
+    named = {_expand(element.text.strip(), macros) for element in panel.iter("pv_name")}
+    assert not [name for name in named if "$" in name], "unexpanded macros"
+    for pv in ("IMAGE:ARRAY", "LIVE8:NAME", "STREAM_CHANNELS", "STREAM_CHANNEL_COUNT"):
+        assert ioc.pv(pv) in named
+    for pv in ("OUTPUT_FILE", "FILE_PATH", "FILE_NAME", "FILE_NUMBER", "AUTO_INCREMENT",
+               "CHANNELS", "STATE", "MESSAGE", "WRITTEN"):
+        assert ioc.pv(writer + pv) in named
     assert named <= served, named - served
-    types = {widget.get("type") for widget in panel.iter("widget")}
-    assert types <= PHOEBUS_WIDGETS, types - PHOEBUS_WIDGETS
+
+
+def test_the_panel_lets_its_caller_choose_the_prefix_and_the_writer():
+    """Phoebus expands a display with the macros it is opened with, then the display's own
+    (DisplayModel.expandMacros): a P or W defined in the file would override the caller's."""
+    panel = ElementTree.parse(PANEL).getroot()
+    defined = {macro.tag for macros in panel.iter("macros") for macro in macros}
+    assert not defined & {"P", "W"}
+    assert _expand("$(P)$(W=)STATE", {"P": "X:"}) == "X:STATE"
+
+
+def test_the_panel_uses_only_widgets_and_properties_phoebus_has():
+    panel = ElementTree.parse(PANEL).getroot()
+    for widget in panel.iter("widget"):
+        kind, name = widget.get("type"), widget.findtext("name")
+        assert kind in PHOEBUS_WIDGETS, kind
+        version, properties = PHOEBUS_PROPERTIES[kind]
+        assert widget.get("version") == version, (name, widget.get("version"))
+        unknown = {child.tag for child in widget if child.tag != "widget"} - properties
+        assert not unknown, (name, unknown)
+        for rule in widget.findall("rules/rule"):
+            assert rule.get("prop_id") in properties, (name, rule.get("prop_id"))
+        for path, elements in PHOEBUS_STRUCTURES.items():
+            for structure in widget.findall(path):
+                unknown = {child.tag for child in structure} - elements
+                assert not unknown, (name, path, unknown)
+    for action in panel.iter("action"):
+        assert action.get("type") == "write_pv"
 
 
 def test_the_panel_image_takes_its_size_from_the_ioc():
@@ -121,6 +203,17 @@ def test_the_panel_image_takes_its_size_from_the_ioc():
     for rule in image.iter("rule"):
         assert rule.find("exp").get("bool_exp") == "true"
         assert rule.findtext("exp/expression") == "pvInt0"
+
+
+def _expand(text: str, macros: dict[str, str]) -> str:
+    """``text`` with the macros expanded as Phoebus does; an undefined one without a
+    default stays as it is (MacroHandler leaves it unresolved)."""
+    def value(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in macros:
+            return macros[name]
+        return default if default is not None else match.group(0)
+    return MACRO.sub(value, text)
 
 
 def _records(db_text: str) -> dict[str, dict[str, str]]:

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from caproto.threading.client import Context
 
-from harness import (BsreadSource, IocProcess, caput_binary, poll, timestamp_for,
+from harness import (BsreadSource, IocProcess, PacedSender, PreEncoded, caput_binary, poll,
+                     timestamp_for,
                      unique_prefix, value_for)
-from sfbw_ioc.bsread import ChannelSpec
+from sfbw_ioc.bsread import ChannelSpec, Encoder
 
 SCALAR = ChannelSpec("L:SCALAR", "float64", ())
 WAVEFORM = ChannelSpec("L:WAVE", "float32", (16,), compression="lz4")
@@ -206,3 +207,44 @@ def test_a_monitor_on_the_image_gets_at_most_rate_updates_a_second(live):
     assert 3 <= updates <= 4.0 * 3.0 + 1, updates
     # Each update is a newer frame.
     assert all(later > earlier for earlier, later in zip(stamps, stamps[1:]))
+
+
+def test_no_frame_is_published_once_the_image_is_switched_off(tmp_path, ca_ports):
+    """A frame takes tens of ms to decode and bin: one in flight when IMAGE:NAME is
+    emptied must not show up after the put (it did, before samples of a channel no longer
+    chosen were dropped)."""
+    camera = ChannelSpec("L:HUGECAM", "uint16", (2048, 2048), compression="bitshuffle_lz4")
+    rng = np.random.default_rng(3)
+    encoder = Encoder()
+    block = PreEncoded([encoder.encode(p, timestamp_for(p), [(camera, np.clip(
+        rng.normal(1000, 35, camera.shape), 0, 65535).astype(np.uint16), timestamp_for(p))])
+        for p in range(2)])
+    source = BsreadSource()
+    ioc = IocProcess(ca_ports(), unique_prefix("LIVEOFF"),
+                     ["--stream", source.address, "--buffer-bytes", "200M",
+                      "--output-root", str(tmp_path)], tmp_path / "ioc.log")
+    sender = PacedSender(source, FIRST_PULSE, rate_hz=20.0, frames=block.frames)
+    sender.start()
+
+    def pulse_id() -> float:  # a fresh read: answered after the puts before it
+        return epics.caget(ioc.pv("IMAGE:PULSE_ID"), use_monitor=False, timeout=5)
+
+    try:
+        ioc.put("IMAGE:RATE", 10.0)
+        late = []
+        for delay in np.arange(20) * 0.005:
+            before = pulse_id()
+            ioc.put("IMAGE:NAME", camera.name)
+            poll(lambda: pulse_id() != before, 10, what="a published frame")
+            # Pacing, not synchronisation: the puts spread over the 0.1 s sampling
+            # period, so that some land while the next frame is being decoded.
+            time.sleep(delay)
+            ioc.put("IMAGE:NAME", "")
+            shown, start = pulse_id(), time.monotonic()
+            poll(lambda: time.monotonic() - start >= 0.3, 5, what="0.3 s switched off")
+            late.append(pulse_id() != shown)
+    finally:
+        sender.finish()
+        assert ioc.stop() == 0, ioc.log()
+        source.close()
+    assert not any(late), late
