@@ -11,7 +11,6 @@ import asyncio
 import concurrent.futures
 import logging
 import typing
-from dataclasses import replace
 from functools import partial
 from typing import Any, Callable
 
@@ -125,18 +124,14 @@ class WriterPVs(AcquisitionPVs):
                 self._published_message = status.message
                 await write_if_changed(self.MESSAGE, status.message)
             await write_if_changed(self.LAST_FILE, status.last_file)
-            # The writer thread's statuses leave the range out; the controller has it.
-            await self.publish_figures(self._with_range(status))
+            # The figures as they are now: a status handed over by the writer thread
+            # carries those of its moment (CLOSING's: none yet, so WRITTEN showed 0).
+            await self.publish_figures(self._control.status())
             if status.last_file != self._counted_file:
                 self._counted_file = status.last_file
                 # Under the lock: a STOP's put-callback returns with the next name set.
                 if self._running_composed and self.AUTO_INCREMENT.value == "Yes":
                     await self._set_number(self.FILE_NUMBER.value + 1)
-
-    def _with_range(self, status: Status) -> Status:
-        current = self._control.status()
-        return replace(status, first_pulse_id=current.first_pulse_id,
-                       last_pulse_id=current.last_pulse_id)
 
     async def publish_figures(self, status: Status) -> None:
         await write_if_changed(self.WRITTEN, status.written)

@@ -8,6 +8,7 @@ import json
 import threading
 from pathlib import Path
 
+import epics
 import h5py
 import pytest
 import zmq
@@ -352,3 +353,25 @@ def test_a_refusal_stays_in_message_when_a_later_command_succeeds(ioc):
     assert "conversion 1" in reason
     assert caput(ioc, "W2:FILE_NAME", "after_refusal", "-S").returncode == 0
     assert ioc.text("W2:MESSAGE") == reason
+
+
+def test_written_never_goes_back_while_a_file_is_closed(ioc, source):
+    """The CLOSING status of the writer thread carries no figures of its own: published
+    as they were, WRITTEN fell to 0 for the close and came back (a monitor saw both)."""
+    seen: list[float] = []
+    monitor = epics.PV(ioc.pv("W2:WRITTEN"), callback=lambda value, **_: seen.append(value))
+    assert monitor.wait_for_connection(5)
+    base = next(_bases)
+    ioc.put("W2:OUTPUT_FILE", "monotonic.h5")
+    ioc.put("W2:START_PULSE_ID", base)
+    source.send_range(base, base + 39)
+    poll(lambda: seen and seen[-1] == 40, what="WRITTEN 40 at the monitor")
+    stopped = threading.Thread(target=ioc.put, args=("W2:STOP_PULSE_ID", base + 40))
+    stopped.start()
+    poll(lambda: "stopping at" in ioc.text("W2:MESSAGE"), what="the stop taken")
+    source.send(base + 40)  # the stop pulse: the file closes
+    stopped.join(30)
+    poll(lambda: seen[-1] == 41, what="WRITTEN 41 at the monitor")
+    monitor.disconnect()
+    after_start = seen[seen.index(min(seen)):]  # from the reset for this file on
+    assert after_start == sorted(after_start), seen
