@@ -179,12 +179,11 @@ class Receiver(threading.Thread):
             if nbytes >= _DRAIN_BYTES:
                 break
             try:
-                message, data_header = self._next_message(socket)
+                message, intact = self._next_message(socket)
                 batch.append(message)
                 nbytes += message.nbytes
-                if data_header is not None and self._forward is not None:
-                    parts = message.frames
-                    self._forward.send([parts[0], data_header, *parts[2:]])
+                if intact is not None and self._forward is not None:
+                    self._forward.send(intact)
             except zmq.Again:
                 break
             except MalformedMessage as error:
@@ -213,10 +212,10 @@ class Receiver(threading.Thread):
             log.warning("pulse id went from %d to %d (source restart?); %d such so far",
                         previous, current, self._anomalies)
 
-    def _next_message(self, socket: zmq.Socket) -> tuple[RawMessage, Buffer | None]:
-        """One whole message off the socket, checked, and its data-header part when it
-        is intact (every part as received: it may be sent on); zmq.Again when there is
-        none, MalformedMessage once all its parts are taken off the socket.
+    def _next_message(self, socket: zmq.Socket) -> tuple[RawMessage, list[Buffer] | None]:
+        """One whole message off the socket, checked, and its parts as received when it
+        is intact (they may be sent on; None when an image was left out); zmq.Again when
+        there is none, MalformedMessage once all its parts are taken off the socket.
 
         Parts come as Frames, whose ``more`` flag ends the message where ZeroMQ ends it.
         (Tried: ``recv_into`` straight into the ring's payload, 47 % of a core for 1000
@@ -228,7 +227,7 @@ class Receiver(threading.Thread):
             frames.extend(_rest_of_message(socket))
         return self._parse(frames)
 
-    def _parse(self, frames: list[Buffer]) -> tuple[RawMessage, Buffer | None]:
+    def _parse(self, frames: list[Buffer]) -> tuple[RawMessage, list[Buffer] | None]:
         if len(frames) < 2:
             raise MalformedMessage("part_count", f"{len(frames)} parts, need at least 2")
         main = parse_main_header(frames[0])
@@ -237,12 +236,12 @@ class Receiver(threading.Thread):
         # Checked here, once: a corrupt image is counted as it arrives, and the ring
         # holds the message without it (absent), so no file can get it.
         corrupt = corrupt_chunks(header, frames)
-        data_header = None if corrupt else frames[1]
+        intact = None if corrupt else frames
         for index, error in corrupt:
             self._malformed.report(error, main.pulse_id)
             frames = [*frames[:2 + 2 * index], b"", b"", *frames[4 + 2 * index:]]
         message = RawMessage.pack(main.pulse_id, main.global_timestamp_ns, header, frames)
-        return message, data_header
+        return message, intact
 
 
 def _check_mode(mode: str) -> None:

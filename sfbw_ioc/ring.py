@@ -31,7 +31,7 @@ class RawMessage:
     pulse_id: int
     global_timestamp_ns: int
     header: DataHeader
-    payload: bytes | bytearray  # the main header, then every value and timestamp part
+    payload: bytes  # the main header, then every value and timestamp part
     main_length: int  # of the main header
     # Where each value and timestamp part ends, counted from the end of the main header:
     # messages of a steady stream have equal ``ends`` although their main headers vary.
