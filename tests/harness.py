@@ -2,6 +2,7 @@
 ZeroMQ socket, free ports, Channel Access clients and a poll with a deadline."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -192,6 +193,20 @@ class IocProcess:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+
+@contextlib.contextmanager
+def streaming_ioc(port: int, tag: str, root: Path, log_path: Path, *args: str):
+    """An IOC on a new BsreadSource, files under ``root``: (ioc, source); at the end
+    the source is closed and the IOC must exit 0."""
+    source = BsreadSource()
+    ioc = IocProcess(port, unique_prefix(tag),
+                     ["--stream", source.address, "--output-root", str(root), *args], log_path)
+    try:
+        yield ioc, source
+    finally:
+        source.close()
+        assert ioc.stop() == 0, ioc.log()
 
 
 # ---- a bsread source whose every value the test knows -----------------------------

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from caproto.sync import client as caproto_client
 
-from harness import (CHANNELS, EPICS_BIN, BsreadSource, IocProcess, assert_rows, caput_binary,
-                     poll, timestamp_for, unique_prefix, value_for)
+from harness import (CHANNELS, EPICS_BIN, assert_rows, caput_binary, poll, streaming_ioc,
+                     timestamp_for, value_for)
 from sfbw_ioc.bsread import ChannelSpec, encode_message
 
 _bases = itertools.count(10_000_000_000, 100_000)  # pulse ids above 2**31, rising per test
@@ -22,14 +22,9 @@ _bases = itertools.count(10_000_000_000, 100_000)  # pulse ids above 2**31, risi
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, ca_ports):
     root = tmp_path_factory.mktemp("output")
-    source = BsreadSource()
-    ioc = IocProcess(ca_ports(), unique_prefix("E2E"),
-                     ["--stream", source.address, "--output-root", str(root),
-                      "--buffer-length", "500", "--list-pvs"],
-                     tmp_path_factory.mktemp("log") / "ioc.log")
-    yield ioc, source, root
-    source.close()
-    assert ioc.stop() == 0, ioc.log()
+    with streaming_ioc(ca_ports(), "E2E", root, tmp_path_factory.mktemp("log") / "ioc.log",
+                       "--buffer-length", "500", "--list-pvs") as (ioc, source):
+        yield ioc, source, root
 
 
 @pytest.fixture

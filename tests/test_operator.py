@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from harness import (CHANNELS, BsreadSource, IocProcess, assert_rows, caput_binary, free_port,
-                     poll, timestamp_for, unique_prefix, value_for)
+                     poll, streaming_ioc, timestamp_for, unique_prefix, value_for)
 from sfbw_ioc.bsread import encode_message
 
 _bases = itertools.count(40_000_000_000, 100_000)
@@ -23,13 +23,9 @@ _bases = itertools.count(40_000_000_000, 100_000)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, ca_ports):
     root = tmp_path_factory.mktemp("operator")
-    source = BsreadSource()
-    ioc = IocProcess(ca_ports(), unique_prefix("OPS"),
-                     ["--stream", source.address, "--output-root", str(root)],
-                     tmp_path_factory.mktemp("log") / "ioc.log")
-    yield ioc, source, root
-    source.close()
-    assert ioc.stop() == 0, ioc.log()
+    with streaming_ioc(ca_ports(), "OPS", root,
+                       tmp_path_factory.mktemp("log") / "ioc.log") as (ioc, source):
+        yield ioc, source, root
 
 
 @pytest.fixture
@@ -219,13 +215,8 @@ def test_one_writer_starts_while_the_other_is_busy(ioc, source, root):
 @pytest.fixture
 def lone_ioc(tmp_path, ca_ports):
     """An IOC of its own: changing its stream empties its buffer."""
-    source = BsreadSource()
-    ioc = IocProcess(ca_ports(), unique_prefix("STREAM"),
-                     ["--stream", source.address, "--output-root", str(tmp_path)],
-                     tmp_path / "ioc.log")
-    yield ioc, source, tmp_path
-    source.close()
-    assert ioc.stop() == 0, ioc.log()
+    with streaming_ioc(ca_ports(), "STREAM", tmp_path, tmp_path / "ioc.log") as (ioc, source):
+        yield ioc, source, tmp_path
 
 
 def test_the_stream_changes_while_idle_and_the_buffer_is_emptied(lone_ioc):
