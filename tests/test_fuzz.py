@@ -42,7 +42,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from harness import CHANNELS, RECEIVE_WAYS, BsreadSource, poll, timestamp_for, value_for
+from harness import CHANNELS, RECEIVE_WAYS, BsreadSource, poll, receive_way, timestamp_for, \
+    value_for
 from sfbw_ioc.bsread import (
     BSREAD_TYPES,
     COMPRESSIONS,
@@ -736,7 +737,7 @@ def test_receiver_survives_fuzzed_stream(receive, batch: list[Case]) -> None:
     source = BsreadSource()
     ring = RingBuffer(10_000, 4 << 30)
     malformed = MalformedCounter()
-    receiver = Receiver(source.address, ring, malformed, receive=receive)
+    receiver = Receiver(source.address, ring, malformed, receive=receive_way(receive))
     receiver.start()
     try:
         start = time.monotonic()

@@ -7,7 +7,7 @@ import os
 import pytest
 import zmq
 
-from harness import RECEIVE_WAYS, free_port
+from harness import RECEIVE_WAYS, free_port, receive_way
 from sfbw_ioc import zmqparts
 
 LIMIT = zmqparts.COPY_LIMIT
@@ -36,8 +36,12 @@ def receive_when_there(receive, socket: zmq.Socket):
     return receive(socket)
 
 
+BUILT = pytest.mark.skipif(zmqparts._zmqparts is None, reason="_zmqparts is not built")
+
+
 @pytest.mark.parametrize("receive", RECEIVE_WAYS)
 def test_every_message_comes_off_whole_and_in_order(receive, pair):
+    receive = receive_way(receive)
     sender, receiver = pair
     for message in MESSAGES:
         sender.send_multipart(message)
@@ -49,18 +53,19 @@ def test_every_message_comes_off_whole_and_in_order(receive, pair):
 
 @pytest.mark.parametrize("receive", RECEIVE_WAYS)
 def test_a_libzmq_error_is_a_zmq_error(receive, pair):
+    receive = receive_way(receive)
     sender, _ = pair
     with pytest.raises(zmq.ZMQError) as caught:
         receive(sender)  # a PUSH socket cannot receive
     assert caught.value.errno == zmq.ENOTSUP
 
 
-@pytest.mark.skipif(zmqparts.fast_receive() is None, reason="_zmqparts is not built")
+@BUILT
 def test_large_parts_are_lent_out_and_outlive_their_socket(pair):
     sender, receiver = pair
     image = os.urandom(LIMIT + 1)
     sender.send_multipart([b"small", image])
-    small, large = receive_when_there(zmqparts.receive_parts, receiver)
+    small, large = receive_when_there(receive_way("c-extension"), receiver)
     assert type(small) is bytes and type(large) is not bytes
     receiver.close(linger=0)
     view = memoryview(large)
@@ -68,7 +73,7 @@ def test_large_parts_are_lent_out_and_outlive_their_socket(pair):
     assert view.tobytes() == image
 
 
-@pytest.mark.skipif(zmqparts.fast_receive() is None, reason="_zmqparts is not built")
+@BUILT
 def test_received_parts_are_freed(pair):
     """300 messages of a 1 MiB part and 1000 small ones: nothing of them stays behind."""
     sender, receiver = pair
@@ -81,7 +86,7 @@ def test_received_parts_are_freed(pair):
     def take(count: int) -> None:
         for _ in range(count):
             sender.send_multipart(message)
-            parts = receive_when_there(zmqparts.receive_parts, receiver)
+            parts = receive_when_there(receive_way("c-extension"), receiver)
             assert len(parts) == len(message)
 
     take(20)  # allocator arenas at their working size
@@ -90,8 +95,7 @@ def test_received_parts_are_freed(pair):
     assert resident() - before < 32 << 20, "received parts were not freed"
 
 
+@BUILT
 def test_the_c_extension_is_used_where_it_is_built():
-    if zmqparts._zmqparts is None:
-        pytest.skip("the C extension _zmqparts is not built")
     assert zmqparts.best_receive() is zmqparts.receive_parts
 
