@@ -8,8 +8,12 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["sfbw_ioc", "sfbw_ioc.*"]),
-    # The receiver's fast path; without a C compiler the IOC receives part by part.
-    ext_modules=[Extension("sfbw_ioc._zmqparts", ["sfbw_ioc/_zmqparts.c"], optional=True)],
+    # Fast paths of the receiver (a message in one call, an image's LZ4 check in one
+    # call); without a C compiler the install goes on and the same work is done in Python.
+    ext_modules=[
+        Extension("sfbw_ioc._zmqparts", ["sfbw_ioc/_zmqparts.c"], optional=True),
+        Extension("sfbw_ioc.bsread._bslz4", ["sfbw_ioc/bsread/_bslz4.c"], optional=True),
+    ],
     install_requires=[
         "caproto>=1.3,<2",
         "pyzmq>=25",
