@@ -175,6 +175,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_zmqparts",
     "Receive a whole ZeroMQ message in one call (see sfbw_ioc.zmqparts).", -1, methods,
+    NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__zmqparts(void) {

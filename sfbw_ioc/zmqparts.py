@@ -62,9 +62,15 @@ def receive_parts(socket: zmq.Socket) -> list[Buffer]:
 
 
 def _libzmq_candidates() -> list[str]:
-    """The files that may hold the libzmq pyzmq uses: a libzmq it loaded (seen in this
-    process's memory map), else its own backend module (libzmq linked in)."""
+    """The files that may hold the libzmq pyzmq uses: its own backend module first (a
+    libzmq linked into it is the sockets' one even when another libzmq is loaded), then
+    each libzmq this process has loaded (seen in its memory map)."""
     candidates = []
+    try:
+        from zmq.backend.cython import _zmq
+        candidates.append(_zmq.__file__)
+    except ImportError:  # pyzmq's CFFI backend (PyPy)
+        pass
     try:
         with open("/proc/self/maps", encoding="utf-8") as maps:
             for line in maps:
@@ -73,12 +79,12 @@ def _libzmq_candidates() -> list[str]:
                     candidates.append(path)
     except OSError:
         pass
-    from zmq.backend.cython import _zmq
-    return [*candidates, _zmq.__file__]
+    return candidates
 
 
 def _bind_libzmq() -> str | None:
-    """Hand libzmq's functions to the extension; the file they came from, or None."""
+    """Hand libzmq's functions to the extension from the first file that has them and
+    works with pyzmq's sockets; that file, or None."""
     for path in _libzmq_candidates():
         try:
             library = ctypes.CDLL(path)
@@ -87,7 +93,8 @@ def _bind_libzmq() -> str | None:
         except (OSError, AttributeError):
             continue
         _zmqparts.bind(*addresses)
-        return path
+        if _works():
+            return path
     return None
 
 
@@ -117,9 +124,8 @@ def fast_receive() -> Receive | None:
         log.info("the C extension _zmqparts is not built; receiving part by part")
         return None
     path = _bind_libzmq()
-    if path is None or not _works():
-        log.warning("could not use pyzmq's libzmq (%s) from _zmqparts; receiving part by "
-                    "part", path)
+    if path is None:
+        log.warning("pyzmq's libzmq could not be used from _zmqparts; receiving part by part")
         return None
     log.info("receiving whole messages through _zmqparts with %s", path)
     return receive_parts
