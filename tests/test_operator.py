@@ -13,8 +13,9 @@ import h5py
 import pytest
 import zmq
 
-from harness import (CHANNELS, BsreadSource, IocProcess, assert_rows, caput_binary, free_port,
-                     poll, streaming_ioc, timestamp_for, unique_prefix, value_for)
+from harness import (CHANNELS, BsreadSource, IncompressibleCamera, IocProcess, assert_rows,
+                     caput_binary, free_port, poll, streaming_ioc, timestamp_for, unique_prefix,
+                     value_for)
 from sfbw_ioc.bsread import encode_message
 
 _bases = itertools.count(40_000_000_000, 100_000)
@@ -306,15 +307,22 @@ def test_a_consumer_on_the_output_port_gets_byte_identical_messages(forwarding_i
 
     try:
         received = [poll(send_until_one_arrives, what="a re-published message")]
-        # Scalars only (received straight into the ring), then every kind with images.
-        for pulse_id in range(60_000, 60_020):
-            send(pulse_id, SCALARS if pulse_id < 60_010 else CHANNELS)
+        # Scalars only, then every kind with small images, then camera frames (parts the
+        # receiver lends out uncopied: sfbw_ioc.zmqparts).
+        camera = IncompressibleCamera((256, 512))
+        for pulse_id in range(60_000, 60_025):
+            if pulse_id < 60_020:
+                send(pulse_id, SCALARS if pulse_id < 60_010 else CHANNELS)
+            else:
+                sent[pulse_id] = camera.frames(pulse_id)
+                source.send_frames(sent[pulse_id])
         consumer.setsockopt(zmq.RCVTIMEO, 5_000)
-        while len(received) < 21 or _pulse_id(received[-1]) < 60_019:
+        while len(received) < 26 or _pulse_id(received[-1]) < 60_024:
             received.append(consumer.recv_multipart())
         for frames in received:
             assert frames == sent[_pulse_id(frames)], _pulse_id(frames)
-        assert [_pulse_id(frames) for frames in received[-20:]] == list(range(60_000, 60_020))
+        assert [_pulse_id(frames) for frames in received[-25:]] == list(range(60_000, 60_025))
+        assert len(received[-1][2]) > 64 * 1024
         assert ioc.get("FORWARD_DROPPED") == 0
     finally:
         consumer.close(linger=0)
