@@ -270,8 +270,9 @@ def scenario_writers(opts, world_args) -> None:
                 first = take(opts.paced + 1)
                 name = f"paced-{round_}-{'on' if view_on else 'off'}.h5"
                 done = start_range(ioc, name, first, first + opts.paced - 1)
+                # The stop pulse itself closes the file: nothing is sent past it.
                 sender = PacedSender(world.source, first, rate_hz=opts.rate,
-                                     frames=stream.frames, count=opts.paced + 1)
+                                     frames=stream.frames, count=opts.paced)
                 sender.start()
                 t_done = wait_done(done, timeout=opts.paced / opts.rate + 60)
                 sender.join(10)
@@ -280,7 +281,7 @@ def scenario_writers(opts, world_args) -> None:
                 check_acquisition(ioc, world.out / name, first, opts.paced)
                 (world.out / name).unlink()
                 detail(f"round {round_} live view {'on ' if view_on else 'off'}: "
-                       f"{opts.paced} messages at {opts.rate:g} Hz, stop pulse passed -> file "
+                       f"{opts.paced} messages at {opts.rate:g} Hz, stop pulse sent -> file "
                        f"closed {lag * 1e3:.0f} ms; {load()}")
                 return lag
 
@@ -299,7 +300,7 @@ def scenario_writers(opts, world_args) -> None:
     figure("writers-camera-on", f"{rate_on:.0f} frames/s with the live view at {LIVE_HZ:g} Hz "
            f"({SLOTS} slots, IMAGE:RATE {LIVE_HZ:g}), ratio {rate_on / rate_off:.2f} of off, "
            f"{target} (median of {opts.rounds}: {', '.join(f'{r:.0f}' for r in fast_on)})")
-    figure("writers-lag-off", f"{lag_off_ms:.0f} ms from the message past the stop to the "
+    figure("writers-lag-off", f"{lag_off_ms:.0f} ms from the stop pulse sent to the "
            f"file closed, {opts.paced} messages paced at {opts.rate:g} Hz, live view off "
            f"(median of {opts.rounds})")
     figure("writers-lag-on", f"{lag_on_ms:.0f} ms with the live view at {LIVE_HZ:g} Hz, "
