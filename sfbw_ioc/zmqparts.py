@@ -120,8 +120,12 @@ def _works() -> bool:
 def fast_receive() -> Receive | None:
     """``receive_parts`` when the extension is built and bound to pyzmq's libzmq (checked
     with one message), else None."""
-    if _zmqparts is None or zmq.zmq_version_info() < (4, 1):
+    if _zmqparts is None:
         log.info("the C extension _zmqparts is not built; receiving part by part")
+        return None
+    if zmq.zmq_version_info() < (4, 1):  # zmq_msg_t was smaller before
+        log.info("libzmq %s is too old for _zmqparts; receiving part by part",
+                 zmq.zmq_version())
         return None
     path = _bind_libzmq()
     if path is None:
