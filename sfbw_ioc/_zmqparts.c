@@ -69,15 +69,12 @@ static PyTypeObject PartType = {
 
 /* ---- receiving --------------------------------------------------------------------- */
 
-/* The part in ``msg`` as a Python object; ``msg`` is empty afterwards. */
+/* The part in ``msg`` as a Python object: a copy (``msg`` keeps its content, which the
+ * next zmq_msg_recv into it or zmq_msg_close releases) or ``msg`` moved into a Part. */
 static PyObject *part_object(zmq_msg_t *msg, size_t copy_limit) {
     size_t size = zmq_msg_size(msg);
-    if (size <= copy_limit) {
-        PyObject *copy = PyBytes_FromStringAndSize(zmq_msg_data(msg), (Py_ssize_t)size);
-        zmq_msg_close(msg);
-        zmq_msg_init(msg);
-        return copy;
-    }
+    if (size <= copy_limit)
+        return PyBytes_FromStringAndSize(zmq_msg_data(msg), (Py_ssize_t)size);
     Part *part = PyObject_New(Part, &PartType);
     if (part == NULL)
         return NULL;

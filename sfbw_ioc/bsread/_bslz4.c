@@ -14,6 +14,7 @@
 
 static int (*lz4_decompress_safe)(const char *, char *, int, int);
 
+/* The codes of compression._BLOCK_ERRORS (OK and NO_MEMORY are not errors of a chunk). */
 enum { OK, TRUNCATED, TOO_SMALL, CORRUPT, SHORT, TILING, NO_MEMORY };
 
 typedef struct {
@@ -26,9 +27,11 @@ static uint32_t big_endian_u32(const unsigned char *p) {
 }
 
 /* One block at ``*pos``: its prefix, bounds, ratio, and that it decodes to exactly
- * ``size`` bytes. Advances ``*pos`` past it. */
+ * ``size`` bytes. Advances ``*pos`` past it. The scratch buffer is allocated here, for
+ * the first block that passed its checks (the largest: full blocks come first), so a
+ * chunk that claims more than it can hold costs no allocation. */
 static Verdict check_block(const unsigned char *data, uint64_t length, uint64_t *pos,
-                           uint64_t size, uint64_t max_ratio, char *scratch) {
+                           uint64_t size, uint64_t max_ratio, char **scratch) {
     Verdict v = {OK, 0, 0};
     if (*pos + 4 > length)
         return (Verdict){TRUNCATED, 0, 0};
@@ -38,7 +41,9 @@ static Verdict check_block(const unsigned char *data, uint64_t length, uint64_t 
         return (Verdict){TRUNCATED, 0, 0};
     if (size > max_ratio * block)
         return (Verdict){TOO_SMALL, block, size};
-    int got = lz4_decompress_safe((const char *)data + *pos, scratch, (int)block, (int)size);
+    if (*scratch == NULL && (*scratch = malloc((size_t)size + 1)) == NULL)  /* +1: not 0 */
+        return (Verdict){NO_MEMORY, 0, 0};
+    int got = lz4_decompress_safe((const char *)data + *pos, *scratch, (int)block, (int)size);
     if (got < 0)
         v = (Verdict){CORRUPT, *pos, 0};
     else if ((uint64_t)got != size)
@@ -50,15 +55,13 @@ static Verdict check_block(const unsigned char *data, uint64_t length, uint64_t 
 static Verdict check_chunk(const unsigned char *data, uint64_t length, uint64_t count,
                            uint64_t block, uint64_t itemsize, uint64_t header,
                            uint64_t max_ratio) {
-    char *scratch = malloc((size_t)(block * itemsize) + 1);  /* +1: never malloc(0) */
-    if (scratch == NULL)
-        return (Verdict){NO_MEMORY, 0, 0};
+    char *scratch = NULL;
     uint64_t pos = header, full = count / block, rest = count % block;
     Verdict v = {OK, 0, 0};
     for (uint64_t i = 0; i < full && v.code == OK; i++)
-        v = check_block(data, length, &pos, block * itemsize, max_ratio, scratch);
+        v = check_block(data, length, &pos, block * itemsize, max_ratio, &scratch);
     if (v.code == OK && rest >= 8)
-        v = check_block(data, length, &pos, (rest - rest % 8) * itemsize, max_ratio, scratch);
+        v = check_block(data, length, &pos, (rest - rest % 8) * itemsize, max_ratio, &scratch);
     free(scratch);
     if (v.code == OK && pos + (count % 8) * itemsize != length)
         v = (Verdict){TILING, pos, length};

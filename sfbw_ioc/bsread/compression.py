@@ -186,14 +186,27 @@ def _bslz4_decompressed_blocks(
         for begin, end, size in spans:
             raw = lz4.block.decompress(view[begin:end], uncompressed_size=size)
             if len(raw) != size:
-                raise MalformedMessage("compression", "bitshuffle_lz4: short block")
+                raise _block_error(_SHORT)
             yield raw
     except lz4.block.LZ4BlockError:
-        raise MalformedMessage("compression", _corrupt_block(begin)) from None
+        raise _block_error(_CORRUPT, begin) from None
 
 
-def _corrupt_block(begin: int) -> str:
-    return f"bitshuffle_lz4: the LZ4 block at byte {begin} does not decompress"
+# What can be wrong with the blocks of a chunk, by the codes the C extension _bslz4
+# returns: (kind, text with the two figures it names as {a} and {b}).
+_TRUNCATED, _TOO_SMALL, _CORRUPT, _SHORT, _TILING = range(1, 6)
+_BLOCK_ERRORS = {
+    _TRUNCATED: ("value_size", "bitshuffle_lz4 value truncated"),
+    _TOO_SMALL: ("value_size", "bitshuffle_lz4 block of {a} bytes cannot hold {b}"),
+    _CORRUPT: ("compression", "bitshuffle_lz4: the LZ4 block at byte {a} does not decompress"),
+    _SHORT: ("compression", "bitshuffle_lz4: short block"),
+    _TILING: ("value_size", "bitshuffle_lz4 blocks end at byte {a} of {b}"),
+}
+
+
+def _block_error(code: int, a: int = 0, b: int = 0) -> MalformedMessage:
+    kind, text = _BLOCK_ERRORS[code]
+    return MalformedMessage(kind, text.format(a=a, b=b))
 
 
 def _bslz4_spans(
@@ -204,22 +217,17 @@ def _bslz4_spans(
     pos = BSLZ4_HEADER_SIZE
     for elements in _bslz4_block_elements(count, block):
         if pos + _BSLZ4_BLOCK_PREFIX.size > len(view):
-            raise MalformedMessage("value_size", "bitshuffle_lz4 value truncated")
+            raise _block_error(_TRUNCATED)
         (length,) = _BSLZ4_BLOCK_PREFIX.unpack_from(view, pos)
         pos += _BSLZ4_BLOCK_PREFIX.size
         if pos + length > len(view):
-            raise MalformedMessage("value_size", "bitshuffle_lz4 value truncated")
+            raise _block_error(_TRUNCATED)
         if elements * itemsize > _LZ4_MAX_RATIO * length:
-            raise MalformedMessage(
-                "value_size",
-                f"bitshuffle_lz4 block of {length} bytes cannot hold {elements * itemsize}",
-            )
+            raise _block_error(_TOO_SMALL, length, elements * itemsize)
         yield pos, pos + length, elements * itemsize
         pos += length
     if pos + (count % 8) * itemsize != len(view):
-        raise MalformedMessage(
-            "value_size", f"bitshuffle_lz4 blocks end at byte {pos} of {len(view)}"
-        )
+        raise _block_error(_TILING, pos, len(view))
 
 
 def _bslz4_block_elements(count: int, block: int) -> Iterator[int]:
@@ -248,18 +256,8 @@ def check_bslz4_blocks_at_once(view: memoryview, count: int, block: int,
     """The same as check_bslz4_blocks_walk in one call of the C extension _bslz4 (the
     GIL released once, not per block), with the same verdicts."""
     verdict = _bslz4.check(view, count, block, itemsize, BSLZ4_HEADER_SIZE, _LZ4_MAX_RATIO)
-    if verdict is None:
-        return
-    code, a, b = verdict
-    raise {
-        1: lambda: MalformedMessage("value_size", "bitshuffle_lz4 value truncated"),
-        2: lambda: MalformedMessage(
-            "value_size", f"bitshuffle_lz4 block of {a} bytes cannot hold {b}"),
-        3: lambda: MalformedMessage("compression", _corrupt_block(a)),
-        4: lambda: MalformedMessage("compression", "bitshuffle_lz4: short block"),
-        5: lambda: MalformedMessage(
-            "value_size", f"bitshuffle_lz4 blocks end at byte {a} of {b}"),
-    }[code]()
+    if verdict is not None:
+        raise _block_error(*verdict)
 
 
 def _bind_lz4() -> bool:
