@@ -11,7 +11,7 @@ setup(
     # Fast paths of the receiver (a message in one call, an image's LZ4 check in one
     # call); without a C compiler the install goes on and the same work is done in Python.
     ext_modules=[
-        Extension("sfbw_ioc._zmqparts", ["sfbw_ioc/_zmqparts.c"], optional=True),
+        Extension("sfbw_ioc.stream._zmqparts", ["sfbw_ioc/stream/_zmqparts.c"], optional=True),
         Extension("sfbw_ioc.bsread._bslz4", ["sfbw_ioc/bsread/_bslz4.c"], optional=True),
     ],
     install_requires=[
@@ -43,8 +43,8 @@ setup(
     entry_points={
         "console_scripts": [
             "sfbw-ioc = sfbw_ioc.cli:main",
-            "sfbw-sim = sfbw_ioc.simulator:main",
-            "sfbw-group = sfbw_ioc.group_cli:main",
+            "sfbw-sim = sfbw_ioc.stream.simulator:main",
+            "sfbw-group = sfbw_ioc.group.cli:main",
         ],
     },
 )

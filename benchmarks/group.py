@@ -42,7 +42,7 @@ def run_case(members: int, acquisitions: int, ports: list[int], tmp: Path) -> st
         group = IocProcess(ports.pop(), unique_prefix("BG"),
                            [*(a for ioc in iocs for a in ("--member", ioc.prefix)),
                             "--output-root", str(tmp / "group")],
-                           tmp / "group.log", module="sfbw_ioc.group_cli")
+                           tmp / "group.log", module="sfbw_ioc.group.cli")
         iocs.append(group)
         group.wait_for("MEMBERS_CONNECTED", members, timeout=30)
         states = [epics.PV(ioc.pv("STATE"), auto_monitor=True) for ioc in iocs[:-1]]

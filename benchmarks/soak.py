@@ -44,7 +44,7 @@ def check_file(path: Path, expected: list[int] | None) -> int:
     pulse ids ``expected`` (or consecutive when None). Returns the row count."""
     import h5py
     import hdf5plugin  # noqa: F401  (bitshuffle filter, to read a camera frame)
-    from sfbw_ioc.simulator import simulated_values
+    from sfbw_ioc.stream.simulator import simulated_values
 
     check(not path.with_name(path.name + ".partial").exists(), f"{path}.partial left")
     check(path.exists(), f"{path} does not exist")

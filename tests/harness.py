@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import zmq
 
-from sfbw_ioc import zmqparts
+from sfbw_ioc.stream import zmqparts
 from sfbw_ioc.bsread import ChannelSpec, encode_message
 
 REPO = Path(__file__).resolve().parent.parent

@@ -20,8 +20,8 @@ from caproto.sync import client as caproto_client
 
 from harness import EPICS_BIN, REPO, IocProcess, ca_client_environment, ioc_environment, \
     unique_prefix
-from sfbw_ioc import access
-from sfbw_ioc.access import AccessConfigError, parse
+from sfbw_ioc.pvs import access
+from sfbw_ioc.pvs.access import AccessConfigError, parse
 
 CA_TIMEOUT = "5"
 RW = AccessRights.READ | AccessRights.WRITE

@@ -19,7 +19,7 @@ from bluesky.utils import FailedStatus  # noqa: E402
 
 from harness import (REPO, BsreadSource, IocProcess, PacedSender, assert_rows,  # noqa: E402
                      poll, unique_prefix)
-from sfbw_ioc.bluesky import AcquisitionFailed, AcquisitionLength, SfbwWriter  # noqa: E402
+from sfbw_ioc.bridges.bluesky import AcquisitionFailed, AcquisitionLength, SfbwWriter  # noqa: E402
 
 _names = (f"run{n}" for n in itertools.count())
 

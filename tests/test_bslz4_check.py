@@ -10,8 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sfbw_ioc.bsread import (HeaderCache, MalformedMessage, compression, parse_main_header,
-                             value_nbytes, wire_dtype)
+from sfbw_ioc.bsread import HeaderCache, MalformedMessage, compression, parse_main_header, value_nbytes, wire_dtype
 from vectors import CASES, load_case
 
 BUILT = pytest.mark.skipif(compression._bslz4 is None, reason="_bslz4 is not built")

@@ -54,7 +54,7 @@ def test_module_says_what_it_owns(path: Path) -> None:
     ("from .. import writer", [".."]),
     ("import sfbw_ioc.receiver", ["sfbw_ioc.receiver"]),
     ("from sfbw_ioc import ring", ["sfbw_ioc"]),
-    ("from sfbw_ioc.writer import FileWriter", ["sfbw_ioc.writer"]),
+    ("from sfbw_ioc.writer import OutputFile", ["sfbw_ioc.writer"]),
     ("def f():\n    from ..acquisition import x\n", ["..acquisition"]),
     ("from .types import ChannelSpec\nfrom . import decode", []),
     ("from sfbw_ioc.bsread.types import ChannelSpec\nimport sfbw_ioc.bsread", []),

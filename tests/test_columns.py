@@ -10,13 +10,14 @@ import hdf5plugin  # noqa: F401  (bitshuffle filter for reading)
 import numpy as np
 import pytest
 
-from sfbw_ioc.bsread import (ChannelSpec, HeaderCache, decode_columns,
-                               decode_uniform_columns, decode_values, encode_message,
-                               is_direct_chunk, parse_main_header)
+from sfbw_ioc.bsread import ChannelSpec, HeaderCache, decode_columns, decode_uniform_columns, decode_values, encode_message, is_direct_chunk, parse_main_header
 from harness import BsreadSource, poll
-from sfbw_ioc.receiver import MalformedCounter, Receiver
-from sfbw_ioc.ring import RawMessage, RingBuffer, stack_uniform
-from sfbw_ioc.writer import FileWriter, _WriteBehind
+from sfbw_ioc.stream.malformed import MalformedCounter
+from sfbw_ioc.stream.receiver import Receiver
+from sfbw_ioc.stream.message import RawMessage, stack_uniform
+from sfbw_ioc.stream.ring import RingBuffer
+from sfbw_ioc.hdf5.file import OutputFile
+from sfbw_ioc.hdf5.writeback import WriteBehind
 from vectors import CASES, load_case
 
 PULSE0 = 10_000_000_000
@@ -146,7 +147,7 @@ def test_batches_appended_one_after_another_are_written_as_sent(tmp_path):
             frames[2 + 2 * index] = frames[3 + 2 * index] = b""  # absent in this pulse
         rows.append(frames)
     header = HeaderCache().get(parse_main_header(rows[0][0]), rows[0][1])
-    writer = FileWriter(tmp_path / "f.h5", {}, batch_rows=100)
+    writer = OutputFile(tmp_path / "f.h5", {}, batch_rows=100)
     for first, end in ((0, 2), (2, 3), (3, 7)):  # three batches, one write at close
         columns, errors = decode_columns(header, rows[first:end])
         assert errors == []
@@ -181,7 +182,7 @@ def image_messages(shapes, corrupt_rows=()):
 
 
 def write_runs(path, messages):
-    writer = FileWriter(path, {})
+    writer = OutputFile(path, {})
     errors = []
     row = 0
     for header, run in runs_of_one_header(messages):
@@ -304,7 +305,7 @@ def test_written_images_leave_the_page_cache_one_flush_later(tmp_path):
         pytest.skip("this file system keeps its pages in memory (tmpfs)")
     _, sent, messages = image_messages([(256, 256)] * 30)
     header = HeaderCache().get(parse_main_header(messages[0][0]), messages[0][1])
-    writer = FileWriter(tmp_path / "f.h5", {})
+    writer = OutputFile(tmp_path / "f.h5", {})
     for first, last in ((0, 20), (20, 25), (25, 30)):  # flushed after each
         columns, errors = decode_columns(header, messages[first:last])
         assert errors == []
@@ -334,7 +335,7 @@ def test_write_behind_refused_by_the_file_system_only_ends_the_dropping(tmp_path
     leaves the data alone; only a failed write to disk (EIO, ENOSPC) is an error."""
     read_end, write_end = os.pipe()
     try:
-        write_behind = _WriteBehind(None, write_end)
+        write_behind = WriteBehind(None, write_end)
         write_behind._written(0, 1 << 20)
         write_behind.cycle()
         write_behind._written(1 << 20, 1 << 20)

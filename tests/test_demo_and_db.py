@@ -12,8 +12,8 @@ import h5py
 import pytest
 
 from harness import REPO, IocProcess, poll, unique_prefix
-from sfbw_ioc import epicsdb
-from sfbw_ioc.ioc import ioc_class
+from sfbw_ioc.pvs import epicsdb
+from sfbw_ioc.pvs.ioc import ioc_class
 
 DB_FILE = REPO / "db" / "sfbw.db"
 PANEL = REPO / "db" / "sfbw.bob"

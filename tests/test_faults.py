@@ -28,9 +28,9 @@ from harness import (CHANNELS, REPO, BsreadSource, IocProcess, PacedSender, asse
                      assert_value, caput_binary, free_port, ioc_environment, poll, timestamp_for,
                      unique_prefix, value_for)
 from sfbw_ioc.bsread import ChannelSpec, encode_message
-from sfbw_ioc.caprobe import ProbeFailed, read_pv
-from sfbw_ioc.memory import TRIM_INTERVAL_S
-from sfbw_ioc.watchdog import Watchdog
+from sfbw_ioc.service.caprobe import ProbeFailed, read_pv
+from sfbw_ioc.stream.memory import TRIM_INTERVAL_S
+from sfbw_ioc.service.watchdog import Watchdog
 
 TESTS = Path(__file__).resolve().parent
 _bases = itertools.count(20_000_000_000, 1_000_000)

@@ -44,23 +44,10 @@ from hypothesis import strategies as st
 
 from harness import CHANNELS, RECEIVE_WAYS, BsreadSource, poll, receive_way, timestamp_for, \
     value_for
-from sfbw_ioc.bsread import (
-    BSREAD_TYPES,
-    COMPRESSIONS,
-    ENCODINGS,
-    ChannelSpec,
-    DataHeader,
-    HeaderCache,
-    MalformedMessage,
-    check_structure,
-    corrupt_chunks,
-    decode_values,
-    encode_message,
-    parse_data_header,
-    parse_main_header,
-)
-from sfbw_ioc.receiver import MalformedCounter, Receiver
-from sfbw_ioc.ring import RingBuffer
+from sfbw_ioc.bsread import BSREAD_TYPES, COMPRESSIONS, ENCODINGS, ChannelSpec, DataHeader, HeaderCache, MalformedMessage, check_structure, corrupt_chunks, decode_values, encode_message, parse_data_header, parse_main_header
+from sfbw_ioc.stream.malformed import MalformedCounter
+from sfbw_ioc.stream.receiver import Receiver
+from sfbw_ioc.stream.ring import RingBuffer
 
 N_EXAMPLES = int(os.environ.get("SFBW_FUZZ_EXAMPLES") or 0)
 PURE_EXAMPLES = N_EXAMPLES or 200
@@ -708,7 +695,7 @@ def test_receiver_survives_fuzzed_stream(receive, batch: list[Case]) -> None:
     """Good messages around fuzzed ones all reach the ring in order; the ring holds
     exactly what the pure parse path accepts and MALFORMED counts exactly what it
     rejects; the thread stays alive and keeps receiving. Both ways of taking a message
-    off the socket (sfbw_ioc.zmqparts) give the same."""
+    off the socket (sfbw_ioc.stream.zmqparts) give the same."""
     stream: list[tuple[list[bytes], bool]] = []
     pulse_id = GOOD_FIRST_PULSE
     for case in batch:

@@ -33,7 +33,7 @@ def setup(tmp_path_factory, ca_ports):
     member_args = [arg for m in members for arg in ("--member", m.prefix)]
     group = IocProcess(ca_ports(), unique_prefix("GRP"),
                        [*member_args, "--output-root", str(group_root)],
-                       logs / "group.log", module="sfbw_ioc.group_cli")
+                       logs / "group.log", module="sfbw_ioc.group.cli")
     group.wait_for("MEMBERS_CONNECTED", 3)
     yield group, members, roots, group_root, streams
     streams.halt()
@@ -235,7 +235,7 @@ def test_allow_partial_starts_without_the_gone_member(setup, ca_ports, tmp_path)
     partial = IocProcess(ca_ports(), unique_prefix("GRPP"),
                          [*(a for m in members for a in ("--member", m.prefix)),
                           "--output-root", str(root), "--allow-partial"],
-                         tmp_path / "partial.log", module="sfbw_ioc.group_cli")
+                         tmp_path / "partial.log", module="sfbw_ioc.group.cli")
     try:
         partial.wait_for("MEMBERS_CONNECTED", 2)
         newest = newest_pulse((None, members[:2]))
@@ -253,7 +253,7 @@ def test_allow_partial_starts_without_the_gone_member(setup, ca_ports, tmp_path)
 
 
 def test_members_with_the_same_file_name_are_refused(tmp_path):
-    from sfbw_ioc import group_cli
+    from sfbw_ioc.group import cli as group_cli
     with pytest.raises(SystemExit) as exit_:
         group_cli.main(["--member", "X:CAM:", "--member", "X_CAM:",
                         "--output-root", str(tmp_path)])

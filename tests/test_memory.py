@@ -1,4 +1,4 @@
-"""The allocator policy (sfbw_ioc.memory): images are served from the heap and reused,
+"""The allocator policy (sfbw_ioc.stream.memory): images are served from the heap and reused,
 and the heap's free memory goes back to the system at the trimmer's next round."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from harness import REPO
 
 SCRIPT = textwrap.dedent("""
     import os, time
-    from sfbw_ioc.memory import HeapTrimmer, tune_allocator
+    from sfbw_ioc.stream.memory import HeapTrimmer, tune_allocator
 
     def rss_mib():
         with open("/proc/self/statm") as statm:
@@ -50,8 +50,9 @@ RESERVE_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, "tests")
     from harness import poll
     from sfbw_ioc.bsread import ChannelSpec, HeaderCache, encode_message, parse_main_header
-    from sfbw_ioc.memory import HeapTrimmer, tune_allocator
-    from sfbw_ioc.ring import RawMessage, RingBuffer
+    from sfbw_ioc.stream.memory import HeapTrimmer, tune_allocator
+    from sfbw_ioc.stream.message import RawMessage
+    from sfbw_ioc.stream.ring import RingBuffer
     import numpy as np
 
     def rss_mib():

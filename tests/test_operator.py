@@ -308,7 +308,7 @@ def test_a_consumer_on_the_output_port_gets_byte_identical_messages(forwarding_i
     try:
         received = [poll(send_until_one_arrives, what="a re-published message")]
         # Scalars only, then every kind with small images, then camera frames (parts the
-        # receiver lends out uncopied: sfbw_ioc.zmqparts).
+        # receiver lends out uncopied: sfbw_ioc.stream.zmqparts).
         camera = IncompressibleCamera((256, 512))
         for pulse_id in range(60_000, 60_025):
             if pulse_id < 60_020:

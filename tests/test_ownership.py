@@ -23,7 +23,7 @@ import pytest
 
 from harness import (REPO, BsreadSource, IocProcess, assert_rows, caput_binary, poll,
                      unique_prefix)
-from sfbw_ioc.ownership import MAX_ID, Owner, OwnershipError
+from sfbw_ioc.output.ownership import MAX_ID, Owner, OwnershipError
 
 _bases = itertools.count(60_000_000_000, 100_000)
 
@@ -226,7 +226,7 @@ def test_ioc_with_the_systemd_capabilities_gives_files_to_another_user(
 
 def test_check_names_the_missing_capabilities(accounts):
     """Owner.check in a process whose capabilities setpriv cut down (still uid 0)."""
-    code = ("import sys; from sfbw_ioc.ownership import Owner\n"
+    code = ("import sys; from sfbw_ioc.output.ownership import Owner\n"
             "try:\n    Owner(uid=int(sys.argv[1])).check()\n"
             "except ValueError as error:\n    print(error)\nelse:\n    print('allowed')")
 

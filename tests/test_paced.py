@@ -85,7 +85,7 @@ def test_the_writer_keeps_up_with_a_10_hz_stream_of_2_mib_frames(ioc, source):
 
 def test_a_1000_channel_stream_at_100_hz_is_written_whole_and_in_time(ioc, source):
     """2 002 parts a message, 200 000 a second: what the receiver takes off the socket in
-    one call per message (sfbw_ioc.zmqparts)."""
+    one call per message (sfbw_ioc.stream.zmqparts)."""
     specs = [ChannelSpec(f"WIDE:S{index:04d}", "float64", ()) for index in range(1000)]
     # Four messages cycled by pulse id; channel c of message k holds k * 1000 + c.
     stream = PreEncoded([encode_message(k, timestamp_for(k), [

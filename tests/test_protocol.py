@@ -15,22 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sfbw_ioc.bsread import (
-    BSREAD_TYPES,
-    COMPRESSIONS,
-    ChannelSpec,
-    DataHeader,
-    Encoder,
-    HeaderCache,
-    MainHeader,
-    MalformedMessage,
-    check_structure,
-    decode_value,
-    decode_values,
-    encode_message,
-    parse_data_header,
-    parse_main_header,
-)
+from sfbw_ioc.bsread import BSREAD_TYPES, COMPRESSIONS, ChannelSpec, DataHeader, Encoder, HeaderCache, MainHeader, MalformedMessage, check_structure, decode_value, decode_values, encode_message, parse_data_header, parse_main_header
 from vectors import CASES, expected_value, load_case
 
 NS = 1_000_000_000

@@ -4,7 +4,8 @@ import threading
 import pytest
 
 from sfbw_ioc.bsread import DataHeader
-from sfbw_ioc.ring import RawMessage, RingBuffer
+from sfbw_ioc.stream.message import RawMessage
+from sfbw_ioc.stream.ring import RingBuffer
 
 HEADER = DataHeader("0" * 32, ())
 

@@ -15,7 +15,7 @@ import pytest
 import zmq
 
 from sfbw_ioc.bsread import HeaderCache, check_structure, decode_values, parse_main_header
-from sfbw_ioc.simulator import CAMERA_EVERY, Simulator, pulse_time_ns, simulated_values
+from sfbw_ioc.stream.simulator import CAMERA_EVERY, Simulator, pulse_time_ns, simulated_values
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -141,7 +141,7 @@ def test_cli_serves_until_sigterm(context) -> None:
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path}
     process = subprocess.Popen(
-        [sys.executable, "-m", "sfbw_ioc.simulator", "--port", str(port), "--rate", "200"],
+        [sys.executable, "-m", "sfbw_ioc.stream.simulator", "--port", str(port), "--rate", "200"],
         env=env, stderr=subprocess.PIPE, text=True,
     )
     try:

@@ -1,4 +1,4 @@
-"""FileWriter: real files in tmp_path, read back with h5py."""
+"""OutputFile: real files in tmp_path, read back with h5py."""
 from __future__ import annotations
 
 import errno
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from sfbw_ioc.bsread import BSREAD_TYPES, ChannelSpec, ChannelValue
-from sfbw_ioc.writer import NOT_GIVEN, FileWriter
+from sfbw_ioc.vocabulary import NOT_GIVEN
+from sfbw_ioc.hdf5.file import OutputFile
 
 PULSE0 = 10_000_000_000  # SwissFEL pulse ids are beyond 2**31
 GENERAL = {"user": "tester", "process": "pytest", "instrument": "SF-TEST"}
@@ -36,7 +37,7 @@ def absent(name: str) -> ChannelValue:
 
 
 def write(path: Path, messages: list[list[ChannelValue]], **kwargs) -> Path:
-    writer = FileWriter(path, GENERAL, **kwargs)
+    writer = OutputFile(path, GENERAL, **kwargs)
     for row, values in enumerate(messages):
         writer.append(PULSE0 + 10 * row, values)
     return writer.close()
@@ -234,7 +235,7 @@ def test_two_channels_change_definition_in_the_same_message(tmp_path, batch_rows
 
 @pytest.mark.parametrize("batch_rows", [2, 256])
 def test_truncate_drops_rows_as_if_never_appended(tmp_path, batch_rows):
-    writer = FileWriter(tmp_path / "f.h5", GENERAL, batch_rows=batch_rows)
+    writer = OutputFile(tmp_path / "f.h5", GENERAL, batch_rows=batch_rows)
     messages = [
         [present("A", np.int16(0)), present("S", "zero")],
         [present("A", np.int16(1)), present("S", "one")],
@@ -259,7 +260,7 @@ def test_truncate_drops_rows_as_if_never_appended(tmp_path, batch_rows):
 
 
 def test_truncate_to_nothing_and_beyond_the_end(tmp_path):
-    writer = FileWriter(tmp_path / "f.h5", GENERAL, batch_rows=1)
+    writer = OutputFile(tmp_path / "f.h5", GENERAL, batch_rows=1)
     writer.append(PULSE0, [present("A", np.int16(1))])
     writer.truncate(5)
     assert writer.rows == 1
@@ -284,7 +285,7 @@ def test_channel_never_present_gets_zero_float64_data(tmp_path):
 
 def test_rows_reach_the_file_in_batches(tmp_path):
     rows = 3 * 16 + 5
-    writer = FileWriter(tmp_path / "f.h5", GENERAL, batch_rows=16)
+    writer = OutputFile(tmp_path / "f.h5", GENERAL, batch_rows=16)
 
     def rows_in_file() -> int:
         # Opened in this process, HDF5 shares the writer's handle: this shows what the
@@ -310,7 +311,7 @@ def test_rows_reach_the_file_in_batches(tmp_path):
 
 def test_general_group(tmp_path):
     write(tmp_path / "given.h5", [], created="2024-05-06T07:08:09+02:00")
-    FileWriter(tmp_path / "missing.h5", {"user": "", "process": "p"}).close()
+    OutputFile(tmp_path / "missing.h5", {"user": "", "process": "p"}).close()
     with h5py.File(tmp_path / "given.h5") as f:
         general = {key: f["general"][key] for key in f["general"]}
         assert sorted(general) == ["created", "instrument", "process", "user"]
@@ -335,7 +336,7 @@ def test_slash_in_channel_name_is_escaped(tmp_path):
 
 def test_close_publishes_and_removes_partial(tmp_path):
     target = tmp_path / "f.h5"
-    writer = FileWriter(target, GENERAL)
+    writer = OutputFile(target, GENERAL)
     assert writer.partial == tmp_path / "f.h5.partial"
     assert writer.partial.exists() and not target.exists()
     writer.append(PULSE0, [present("A", np.float64(1))])
@@ -350,7 +351,7 @@ def test_existing_target_is_never_overwritten(tmp_path):
     target = tmp_path / "f.h5"
     target.write_bytes(b"keep")
     with pytest.raises(FileExistsError) as info:
-        FileWriter(target, GENERAL)
+        OutputFile(target, GENERAL)
     assert info.value.filename == str(target)
     assert target.read_bytes() == b"keep"
     assert not (tmp_path / "f.h5.partial").exists()
@@ -360,14 +361,14 @@ def test_stale_partial_is_never_overwritten(tmp_path):
     partial = tmp_path / "f.h5.partial"
     partial.write_bytes(b"stale")
     with pytest.raises(FileExistsError) as info:
-        FileWriter(tmp_path / "f.h5", GENERAL)
+        OutputFile(tmp_path / "f.h5", GENERAL)
     assert info.value.filename == str(partial)
     assert partial.read_bytes() == b"stale"
 
 
 def test_target_appearing_while_writing_keeps_partial(tmp_path):
     target = tmp_path / "f.h5"
-    writer = FileWriter(target, GENERAL)
+    writer = OutputFile(target, GENERAL)
     writer.append(PULSE0, [present("A", np.float64(1))])
     target.write_bytes(b"someone else")
     with pytest.raises(FileExistsError):
@@ -380,7 +381,7 @@ def test_target_appearing_while_writing_keeps_partial(tmp_path):
 
 def test_abandon_keeps_partial_and_publishes_nothing(tmp_path):
     target = tmp_path / "f.h5"
-    writer = FileWriter(target, GENERAL)
+    writer = OutputFile(target, GENERAL)
     for row in range(3):
         writer.append(PULSE0 + row, [present("A", np.int64(row)), absent("N")])
     partial = writer.abandon()
@@ -395,7 +396,7 @@ def test_abandon_keeps_partial_and_publishes_nothing(tmp_path):
 
 
 def test_flushed_rows_are_visible_to_another_process(tmp_path):
-    writer = FileWriter(tmp_path / "f.h5", GENERAL)
+    writer = OutputFile(tmp_path / "f.h5", GENERAL)
     for row in range(3):
         writer.append(PULSE0 + row, [present("A", np.float32(row))])
     writer.flush()
@@ -417,11 +418,11 @@ def test_flushed_rows_are_visible_to_another_process(tmp_path):
 def test_unwritable_directory_raises_oserror(tmp_path):
     (tmp_path / "afile").write_bytes(b"")
     with pytest.raises(OSError):
-        FileWriter(tmp_path / "afile" / "x.h5", GENERAL)
+        OutputFile(tmp_path / "afile" / "x.h5", GENERAL)
 
 
 def test_bad_value_is_rejected_without_changing_the_file(tmp_path):
-    writer = FileWriter(tmp_path / "f.h5", GENERAL)
+    writer = OutputFile(tmp_path / "f.h5", GENERAL)
     writer.append(PULSE0, [present("A", np.int8(1))])
     with pytest.raises(ValueError):
         writer.append(PULSE0 + 1, [ChannelValue(ChannelSpec("A", "complex", ()), np.int8(1), 0)])
@@ -442,10 +443,10 @@ def run_child(script: str, *prefix: str) -> subprocess.CompletedProcess:
 FILL_UNTIL_FAILURE = """
     import numpy as np
     from sfbw_ioc.bsread import ChannelSpec, ChannelValue
-    from sfbw_ioc.writer import FileWriter
+    from sfbw_ioc.hdf5.file import OutputFile
 
     def fill_until_failure(target):
-        writer = FileWriter(target, {}, batch_rows=8)
+        writer = OutputFile(target, {}, batch_rows=8)
         image = np.arange(256 * 256, dtype=np.float64).reshape(256, 256)
         value = ChannelValue(ChannelSpec("CAM", "float64", image.shape), image, 1)
         try:
@@ -517,7 +518,7 @@ def test_a_flush_a_second_does_not_rewrite_much_more_than_the_new_rows(tmp_path)
     """A wide slow stream: each flush rewrites the partly filled last chunk of every
     dataset, so the chunk size bounds how much a second of rows costs the disk."""
     channels, rows_per_flush = 50, 100  # 100 Hz, flushed once a second
-    writer = FileWriter(tmp_path / "f.h5", {})
+    writer = OutputFile(tmp_path / "f.h5", {})
     new_bytes = channels * rows_per_flush * (8 + 8 + 1)  # value, timestamp, present
     written = []
     for second in range(12):

@@ -1,4 +1,4 @@
-"""Both ways of taking one whole message off a ZeroMQ socket (sfbw_ioc.zmqparts), on real
+"""Both ways of taking one whole message off a ZeroMQ socket (sfbw_ioc.stream.zmqparts), on real
 sockets over TCP: the same parts, in order, each message ended where ZeroMQ ends it."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import zmq
 
 from harness import RECEIVE_WAYS, free_port, receive_way
-from sfbw_ioc import zmqparts
+from sfbw_ioc.stream import zmqparts
 
 LIMIT = zmqparts.COPY_LIMIT
 MESSAGES = [

@@ -1,7 +1,9 @@
 """The bsread test vectors captured from the reference implementation (read-only).
 
-See ../shared/bsread/README.md: per case ``CASE.bsr`` (raw messages), ``CASE.json`` (what
-the reference sender was asked to send) and, for large arrays, ``CASE.npz``.
+See bsread_reference/README.md beside this file (the protocol and how the vectors were
+captured, kept with them so that a clone tests with nothing beside it): per case
+``CASE.bsr`` (raw messages), ``CASE.json`` (what the reference sender was asked to send)
+and, for large arrays, ``CASE.npz``. ``SFBW_VECTORS`` may name another directory.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import numpy as np
 VECTORS_DIR = Path(
     os.environ.get(
         "SFBW_VECTORS",
-        Path(__file__).resolve().parent.parent.parent / "shared" / "bsread" / "vectors",
+        Path(__file__).resolve().parent / "bsread_reference" / "vectors",
     )
 )
 

@@ -1,0 +1,1 @@
+"""Other ways in: the predecessor's REST API and the Bluesky device."""

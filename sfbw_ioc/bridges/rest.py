@@ -1,0 +1,281 @@
+"""The predecessor's (sf_bsread_writer's) REST API, so that DAQ systems written for it
+can drive writer 1.
+
+Every command is a put to the writer's PVs in-process (``await pv.write(value)`` runs
+the PV's putter, as a Channel Access put does): a CA client sees what a REST client did
+and the other way round, and both get the same refusals. Answers are those of the
+predecessor: ``{"state": "ok", "status": ...}`` (plus ``parameters`` or
+``statistics``), an empty body for the PUT commands, and HTTP 200 with
+``{"state": "error", "status": <reason>}`` for every refusal and malformed request.
+
+The STOP PVs complete a put when the file is closed; ``PUT /stop_pulse_id`` and
+``PUT /stop_now`` answer once the stop has been taken (or refused), as the predecessor
+did, and leave the put to finish by itself. ``GET /stop`` and ``GET /kill`` answer when
+the file is closed.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from ..acquisition.controller import AcquisitionController
+from ..pvs.kinds import MAX_PULSE_ID
+from ..vocabulary import Status
+
+log = logging.getLogger(__name__)
+
+# The predecessor's names of the states: a writer was idle ("waiting") or writing.
+_STATUS_OF_STATE = {"IDLE": "waiting", "WAITING": "writing", "WRITING": "writing",
+                    "CLOSING": "writing", "ERROR": "error"}
+# Parameter → PV; general/created has no PV and goes to the controller.
+_TEXT_PARAMETERS = {"general/user": "USER", "general/process": "PROCESS",
+                    "general/instrument": "INSTRUMENT"}
+_CREATED = "general/created"
+_OUTPUT_FILE = "output_file"
+REQUIRED_PARAMETERS = (_CREATED, *_TEXT_PARAMETERS)
+# How often a stop put is checked for having been taken by the controller: that is
+# one lock away once the put's executor call ran, so the wait is a step or two.
+_ACCEPT_POLL_S = 0.005
+
+
+class Refused(Exception):
+    """A request the API answers with ``{"state": "error", "status": <text>}``."""
+
+
+class RestApi:
+    """The REST API over one writer's PVs (``writer_pvs``: the PVGroup with OUTPUT_FILE,
+    USER, ..., STATE) and the controller behind them (status and general/created)."""
+
+    def __init__(self, writer_pvs: Any, controller: AcquisitionController) -> None:
+        self._pvs = writer_pvs
+        self._controller = controller
+        self._runner: web.AppRunner | None = None
+        self._pending_puts: set[asyncio.Future] = set()  # stops left to complete
+
+    def application(self) -> web.Application:
+        app = web.Application(middlewares=[_error_answers])
+        app.add_routes([
+            web.get("/status", self._status),
+            web.post("/parameters", self._parameters),
+            web.put("/start_pulse_id/{pulse_id}", self._start_pulse_id),
+            web.put("/stop_pulse_id/{pulse_id}", self._stop_pulse_id),
+            web.put("/start_now", self._start_now),
+            web.put("/stop_now", self._stop_now),
+            web.get("/statistics", self._statistics),
+            web.get("/stop", self._stop),
+            web.get("/kill", self._kill),
+        ])
+        return app
+
+    async def start(self, host: str, port: int) -> None:
+        """Listen on ``host:port`` in the running loop; OSError when it cannot."""
+        self._runner = web.AppRunner(self.application(), access_log=None)
+        await self._runner.setup()
+        try:
+            await web.TCPSite(self._runner, host, port).start()
+        except OSError:
+            await self.stop()
+            raise
+        log.info("REST API on http://%s:%d/", host, port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # ---- handlers --------------------------------------------------------------------
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return _ok(self._state())
+
+    async def _parameters(self, request: web.Request) -> web.Response:
+        parameters = await _json_object(request)
+        _check_parameters(parameters)
+        # All or nothing: every value is checked first, then OUTPUT_FILE, the one put a
+        # putter can refuse for its value, goes first.
+        puts = {pv_name: self._text_for(pv_name, parameters, key)
+                for key, pv_name in _TEXT_PARAMETERS.items()}
+        if _OUTPUT_FILE in parameters:
+            puts = {"OUTPUT_FILE": self._text_for("OUTPUT_FILE", parameters, _OUTPUT_FILE),
+                    **puts}
+        for pv_name, text in puts.items():
+            await self._put(pv_name, text)
+        self._controller.set_next_created(parameters[_CREATED])
+        log.info("REST parameters set: %s", parameters)
+        return _ok(self._state(), parameters=parameters)
+
+    async def _start_pulse_id(self, request: web.Request) -> web.Response:
+        await self._put("START_PULSE_ID", float(_pulse_id(request)))
+        return web.Response()
+
+    async def _stop_pulse_id(self, request: web.Request) -> web.Response:
+        pulse_id = _pulse_id(request)
+        before = self._controller.status().version
+        await self._put_until_taken("STOP_PULSE_ID", float(pulse_id), lambda status: (
+            status.version > before and status.stop_pulse_id == pulse_id))
+        return web.Response()
+
+    async def _start_now(self, request: web.Request) -> web.Response:
+        body = await _json_object(request, optional=True)
+        unknown = set(body) - {_OUTPUT_FILE}
+        if unknown:
+            raise Refused(f"unknown parameters {sorted(unknown)}: only '{_OUTPUT_FILE}'")
+        if _OUTPUT_FILE in body:
+            await self._put("OUTPUT_FILE", self._text_for("OUTPUT_FILE", body, _OUTPUT_FILE))
+        await self._put("START_NOW", "Do")
+        return web.Response()
+
+    async def _stop_now(self, request: web.Request) -> web.Response:
+        before = self._controller.status().stop_time
+        await self._put_until_taken("STOP_NOW", "Do", lambda status: (
+            status.stop_time is not None and status.stop_time != before))
+        return web.Response()
+
+    async def _statistics(self, request: web.Request) -> web.Response:
+        status = self._controller.status()
+        timestamp = status.last_timestamp_ns
+        return _ok(self._state(), statistics={
+            "start_pulse_id": status.start_pulse_id,
+            "stop_pulse_id": status.stop_pulse_id,
+            "start_timestamp": status.start_time,
+            "stop_timestamp": status.stop_time,
+            "last_pulse_id": status.last_pulse_id,
+            # Seconds, as the predecessor gave the bsread global timestamp.
+            "last_timestamp": None if timestamp is None else timestamp / 1e9,
+        })
+
+    async def _stop(self, request: web.Request) -> web.Response:
+        await self._put("STOP_NOW", "Do")
+        return _ok(self._state())
+
+    async def _kill(self, request: web.Request) -> web.Response:
+        # The predecessor's process exited; the IOC is a service: abort the file only.
+        await self._put("ABORT", "Do")
+        return _ok(self._state())
+
+    # ---- the PV layer ----------------------------------------------------------------
+
+    def _state(self) -> str:
+        return _STATUS_OF_STATE[self._pvs.STATE.value]
+
+    def _text_for(self, pv_name: str, values: dict[str, Any], key: str) -> str:
+        """``values[key]`` checked for a CHAR waveform PV. A CA put longer than the PV
+        is refused by caproto; an in-process write of a str is not checked, so it is here."""
+        text = _text(values, key)
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise Refused(f"'{key}' is not valid Unicode (a lone surrogate)") from None
+        limit = getattr(self._pvs, pv_name).max_length
+        if size > limit:
+            raise Refused(f"'{key}' is {size} bytes long in UTF-8, {pv_name} holds {limit}")
+        if "\0" in text:
+            raise Refused(f"'{key}' contains a NUL character")
+        return text
+
+    async def _put(self, pv_name: str, value: Any) -> None:
+        """A put as a CA client's: the putter's refusal becomes the answer."""
+        try:
+            await getattr(self._pvs, pv_name).write(value)
+        except Exception as error:
+            raise Refused(str(error) or type(error).__name__) from error
+
+    async def _put_until_taken(self, pv_name: str, value: Any,
+                               taken: Callable[[Status], bool]) -> None:
+        """Put, and answer once the put completed or ``taken(status)`` says the
+        controller accepted it; the put then completes when the file is closed."""
+        put = asyncio.ensure_future(self._put(pv_name, value))
+        while not put.done():
+            if taken(self._controller.status()):
+                self._pending_puts.add(put)
+                put.add_done_callback(self._put_completed)
+                return
+            await asyncio.wait({put}, timeout=_ACCEPT_POLL_S)
+        put.result()
+
+    def _put_completed(self, put: asyncio.Future) -> None:
+        self._pending_puts.discard(put)
+        if not put.cancelled() and put.exception() is not None:
+            # Taken, then failed while closing the file: STATE and MESSAGE tell it.
+            log.warning("REST stop ended in an error: %s", put.exception())
+
+
+@web.middleware
+async def _error_answers(request: web.Request,
+                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                         ) -> web.StreamResponse:
+    """Refusals as the predecessor answered them (HTTP 200); unknown paths and methods
+    keep their HTTP status with the same JSON; a fault of the API itself is logged."""
+    try:
+        return await handler(request)
+    except Refused as error:
+        log.warning("REST %s %s refused: %s", request.method, request.path, error)
+        return _error(str(error))
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        return _error(error.reason, status=error.status)
+    except Exception as error:
+        log.error("REST %s %s failed", request.method, request.path, exc_info=True)
+        return _error(f"internal error: {error}", status=500)
+
+
+def _ok(status: str, **fields: Any) -> web.Response:
+    return web.json_response({"state": "ok", "status": status, **fields})
+
+
+def _error(reason: str, status: int = 200) -> web.Response:
+    return web.json_response({"state": "error", "status": reason}, status=status)
+
+
+async def _json_object(request: web.Request, optional: bool = False) -> dict[str, Any]:
+    body = await request.read()
+    if optional and not body.strip():
+        return {}
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise Refused(f"the request body is not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise Refused(f"the request body must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _check_parameters(parameters: dict[str, Any]) -> None:
+    missing = [key for key in REQUIRED_PARAMETERS if key not in parameters]
+    if missing:
+        raise Refused(f"Missing mandatory parameters. Mandatory parameters "
+                      f"{list(REQUIRED_PARAMETERS)} but received {list(parameters)}")
+    unknown = set(parameters) - {*REQUIRED_PARAMETERS, _OUTPUT_FILE}
+    if unknown:
+        raise Refused(f"unknown parameters {sorted(unknown)}: known are "
+                      f"{[*REQUIRED_PARAMETERS, _OUTPUT_FILE]}")
+    for key in parameters:
+        _text(parameters, key)
+
+
+def _text(values: dict[str, Any], key: str) -> str:
+    value = values[key]
+    if not isinstance(value, str):
+        raise Refused(f"'{key}' must be a string, not {json.dumps(value)}")
+    return value
+
+
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def _pulse_id(request: web.Request) -> int:
+    text = request.match_info["pulse_id"]
+    # Digits only: int() would also take "+5", " 5" and "5_000".
+    if not _DIGITS.fullmatch(text):
+        raise Refused(f"the pulse id must be a whole number of 0 or more, not {text!r}")
+    pulse_id = int(text)
+    # The PVs are float64: beyond 2**53 the value put would not be the one asked for.
+    if pulse_id >= MAX_PULSE_ID:
+        raise Refused(f"the pulse id must be below 2**53, not {pulse_id}")
+    return pulse_id

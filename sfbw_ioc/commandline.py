@@ -1,0 +1,97 @@
+"""What the entry points share: argument types, logging, the output root, and the
+caproto server's monitor latency."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from .output import ownership
+
+log = logging.getLogger("sfbw_ioc")
+
+_SIZE_SUFFIXES = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_HIGH_LOAD_VARIABLE = "CAPROTO_SERVER_HIGH_LOAD_TIMEOUT_SEC"
+_HIGH_LOAD_TIMEOUT_S = 0.001
+
+
+def byte_size(text: str) -> int:
+    """'1G', '512M', '1000000' -> bytes (binary suffixes)."""
+    number, suffix = text.strip().upper().rstrip("IB"), ""
+    if number and number[-1] in _SIZE_SUFFIXES:
+        number, suffix = number[:-1], number[-1]
+    try:
+        size = int(float(number) * _SIZE_SUFFIXES[suffix])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return size
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
+    return value
+
+
+def file_mode(text: str) -> int:
+    return _mode(text, ownership.FILE_MODE_BITS)
+
+
+def dir_mode(text: str) -> int:
+    return _mode(text, ownership.DIR_MODE_BITS)
+
+
+def _mode(text: str, allowed: int) -> int:
+    try:
+        return ownership.parse_mode(text, allowed)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not an octal mode within {allowed:o}: {text!r} "
+                                         f"({error})") from None
+
+
+def configure_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("caproto").propagate = False  # split() gave it a handler already
+
+
+def prepare_output_root(output_root: Path) -> bool:
+    """Create the output root; False (logged CRITICAL) when it cannot be used."""
+    try:
+        output_root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        log.critical("cannot use the output root %s: %s", output_root, error)
+        return False
+    return True
+
+
+def prompt_monitors() -> None:
+    """With caproto's default, two PVs at 100 Hz push its server into "high load"
+    batching and monitors arrive up to 1 s late (../shared/EPICS.md); 1 ms unless the
+    environment says otherwise. caproto reads the variable once, at import; the module's
+    value is what its server uses, whenever caproto was imported."""
+    import caproto.server.common
+
+    caproto.server.common.HIGH_LOAD_TIMEOUT = float(
+        os.environ.get(_HIGH_LOAD_VARIABLE, _HIGH_LOAD_TIMEOUT_S))

@@ -1,0 +1,1 @@
+"""sfbw-group: one acquisition over many member IOCs, and its master file."""

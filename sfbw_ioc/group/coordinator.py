@@ -1,0 +1,392 @@
+"""One acquisition across many member IOCs: the same start and stop pulse id on every
+member, and the master file once all member files are closed.
+
+Runs on the group IOC's asyncio loop; members are reached only through ``Member``
+(Channel Access puts with callback, monitors). Disk work (the master file) goes to an
+executor.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+from typing import Awaitable, Callable, Mapping, Sequence
+
+from ..vocabulary import NOT_GIVEN, State
+from .master import ABSENT, FAILED, WRITTEN, MemberOutcome, write_master
+from .member import Member, MemberError, MemberRefused, MemberUnreachable
+
+log = logging.getLogger(__name__)
+
+_STARTABLE = ("IDLE", "ERROR")  # member states from which a member can start
+_RUNNING = ("WAITING", "WRITING", "CLOSING")
+_DO = 1  # a command PV's "Do", as its enum index
+
+
+class GroupError(Exception):
+    """A refused group command; the text is for the operator and names the member."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStatus:
+    state: State = State.IDLE
+    message: str = ""
+    last_file: str = ""
+
+
+@dataclass(eq=False)
+class _MemberRun:
+    member: Member
+    relative_file: str  # OUTPUT_FILE put to the member
+    closed: asyncio.Future  # -> MemberOutcome
+    seen_running: bool = False  # its STATE showed this acquisition (an old ERROR is not it)
+    writing: bool = False
+
+
+@dataclass(eq=False)
+class _Run:
+    master: Path
+    general: Mapping[str, str]
+    start_pulse_id: int
+    members: list[_MemberRun]
+    absent: list[MemberOutcome]
+    stop_pulse_id: int | None = None
+    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def running(self) -> list[_MemberRun]:
+        return [run for run in self.members if not run.closed.done()]
+
+
+class Coordinator:
+    """START/STOP/ABORT of the group; ``on_status`` is called on every change."""
+
+    def __init__(self, members: Sequence[Member], output_root: Path, allow_partial: bool,
+                 on_status: Callable[[], None]) -> None:
+        self.members = list(members)
+        self.output_root = Path(output_root).resolve()
+        self.allow_partial = allow_partial
+        self._on_status = on_status
+        self.status = GroupStatus()
+        self._run: _Run | None = None
+        self._starting = False
+        self._pending_stop: int | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    # ---- status ----------------------------------------------------------------------
+
+    def _set(self, state: State | None = None, message: str | None = None,
+             last_file: str | None = None) -> None:
+        status = self.status
+        self.status = GroupStatus(status.state if state is None else state,
+                                  status.message if message is None else message,
+                                  status.last_file if last_file is None else last_file)
+        if message:
+            log.info("%s", message)
+        self._on_status()
+
+    def note(self, message: str) -> None:
+        """Tell the operator (MESSAGE) without changing the state: a refused command."""
+        self._set(message=message)
+
+    def connected_count(self) -> int:
+        return sum(member.connected for member in self.members)
+
+    def _active(self) -> _Run | None:
+        run = self._run
+        return run if run is not None and not run.done.done() else None
+
+    # ---- START -----------------------------------------------------------------------
+
+    async def start(self, start_pulse_id: int | None, output_file: str,
+                    general: Mapping[str, str]) -> None:
+        """Start every member on the same pulse (None: the newest LAST_PULSE_ID of the
+        members + 1). Raises ``GroupError`` when refused; nothing is left started then."""
+        if self._starting or self._active() is not None:
+            raise GroupError("a group acquisition is running: STOP or ABORT it first")
+        self._starting = True
+        try:
+            await self._start(start_pulse_id, output_file, general)
+        finally:
+            self._starting = False
+
+    async def _start(self, start_pulse_id: int | None, output_file: str,
+                     general: Mapping[str, str]) -> None:
+        master, stem = await self.check_master(output_file)
+        ready, absent = self._ready_members()
+        if start_pulse_id is None:
+            start_pulse_id = self._newest_pulse_id(ready) + 1
+        if self._pending_stop is not None and self._pending_stop < start_pulse_id:
+            raise GroupError(f"start {start_pulse_id} is after the stop already set "
+                             f"({self._pending_stop})")
+        runs, refused = await self._start_members(ready, stem, start_pulse_id, general)
+        absent += refused
+        self._run = run = _Run(master, dict(general), start_pulse_id, runs, absent)
+        self._spawn(self._finish(run))
+        missing = f" ({len(absent)} absent: {_names(absent)})" if absent else ""
+        self._set(State.WAITING, f"{len(runs)} members writing from pulse {start_pulse_id} "
+                                 f"for {master}{missing}")
+        if self._pending_stop is not None:
+            stop, self._pending_stop = self._pending_stop, None
+            self._spawn(self.stop(stop))
+
+    async def check_master(self, output_file: str) -> tuple[Path, str]:
+        """``resolve_master`` off the loop: the output root may be a slow shared file system."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.resolve_master,
+                                                                output_file)
+
+    async def _start_members(self, ready: list[Member], stem: str, start_pulse_id: int,
+                             general: Mapping[str, str]
+                             ) -> tuple[list[_MemberRun], list[MemberOutcome]]:
+        """Configure, then start, every ready member: those started, and those left out
+        (only with --allow-partial; otherwise a refusal is a GroupError, rolled back)."""
+        loop = asyncio.get_running_loop()
+        runs = [_MemberRun(member, f"{stem}/{member.name}.h5", loop.create_future())
+                for member in ready]
+        runs, refused = await self._each(runs, self._configure(general))
+        if refused and not self.allow_partial:
+            raise GroupError("; ".join(o.message for o in refused) + ": nothing started")
+        absent = refused
+        runs, refused = await self._each(runs, self._start_member(start_pulse_id))
+        if refused and not self.allow_partial:
+            await self._roll_back(runs)
+            rolled = f"; rolled back (ABORT): {_names(r.member for r in runs)}" if runs else ""
+            raise GroupError(f"{refused[0].message}{rolled}")
+        absent += refused
+        if not runs:
+            raise GroupError("no member could start: " + "; ".join(o.message for o in absent))
+        return runs, absent
+
+    def resolve_master(self, output_file: str) -> tuple[Path, str]:
+        """The master's absolute path and the members' file stem (relative), or why not."""
+        text = output_file.strip()
+        if not text or "\0" in text:
+            raise GroupError("OUTPUT_FILE is empty" if not text else "OUTPUT_FILE has a NUL")
+        target = (self.output_root / text).resolve()
+        if not target.is_relative_to(self.output_root) or target == self.output_root:
+            raise GroupError(f"{output_file!r} is outside the output root {self.output_root}")
+        if not target.suffix:
+            raise GroupError(f"{output_file!r} needs a suffix such as .h5: members write "
+                             f"<name without it>/<member>.h5")
+        if target.exists():
+            raise GroupError(f"{target} exists already; files are never overwritten")
+        return target, PurePath(target.relative_to(self.output_root)).with_suffix("").as_posix()
+
+    def _ready_members(self) -> tuple[list[Member], list[MemberOutcome]]:
+        ready, absent = [], []
+        for member in self.members:
+            if member.connected and member.state in _STARTABLE:
+                ready.append(member)
+                continue
+            why = ("not connected" if not member.connected
+                   else f"busy ({member.state}): stop it first")
+            absent.append(MemberOutcome(member.prefix, member.name, ABSENT,
+                                        message=f"member {member.prefix} {why}"))
+        if absent and not self.allow_partial:
+            raise GroupError("; ".join(o.message for o in absent) + ": nothing started")
+        if not ready:
+            raise GroupError("no member is connected")
+        return ready, absent
+
+    def _newest_pulse_id(self, members: Sequence[Member]) -> int:
+        pulse_ids = [m.last_pulse_id for m in members if m.last_pulse_id is not None]
+        if not pulse_ids:
+            raise GroupError("no member has received a message yet")
+        return max(pulse_ids)
+
+    def _configure(self, general: Mapping[str, str]):
+        async def configure(run: _MemberRun) -> None:
+            await run.member.put("OUTPUT_FILE", run.relative_file)
+            for key in ("USER", "PROCESS", "INSTRUMENT"):
+                # caproto's server fails an empty CHAR waveform put; the member writes
+                # NOT_GIVEN for an empty one anyway.
+                await run.member.put(key, general.get(key.lower()) or NOT_GIVEN)
+        return configure
+
+    def _start_member(self, start_pulse_id: int):
+        async def start(run: _MemberRun) -> None:
+            await run.member.put("START_PULSE_ID", float(start_pulse_id))
+        return start
+
+    async def _each(self, runs: list[_MemberRun],
+                    action: Callable[[_MemberRun], Awaitable[None]]
+                    ) -> tuple[list[_MemberRun], list[MemberOutcome]]:
+        """``action`` on every member at once: those that did it, and those that did
+        not (why, naming the member)."""
+        results = await asyncio.gather(*(action(run) for run in runs), return_exceptions=True)
+        done, refused = [], []
+        for run, result in zip(runs, results):
+            if isinstance(result, MemberError):
+                refused.append(MemberOutcome(run.member.prefix, run.member.name, ABSENT,
+                                             message=str(result)))
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                done.append(run)
+        return done, refused
+
+    async def _roll_back(self, runs: list[_MemberRun]) -> None:
+        results = await asyncio.gather(*(run.member.put("ABORT", _DO) for run in runs),
+                                       return_exceptions=True)
+        for run, result in zip(runs, results):
+            if isinstance(result, Exception):
+                log.error("could not abort %s in the roll-back: %s", run.member.prefix, result)
+
+    # ---- STOP, ABORT -----------------------------------------------------------------
+
+    async def stop(self, stop_pulse_id: int | None) -> None:
+        """Put the same stop to every running member (None: the newest LAST_PULSE_ID of
+        them); returns when the master file is written. Idle: kept for the next START."""
+        run = self._active()
+        if run is None:
+            if stop_pulse_id is None:
+                raise GroupError("no group acquisition is running: nothing to stop")
+            self._pending_stop = stop_pulse_id
+            self._set(message=f"stop {stop_pulse_id} set for the next start")
+            return
+        if stop_pulse_id is None:
+            stop_pulse_id = self._newest_pulse_id([r.member for r in run.running()])
+        if stop_pulse_id < run.start_pulse_id:
+            raise GroupError(f"stop {stop_pulse_id} is before the start {run.start_pulse_id}")
+        run.stop_pulse_id = stop_pulse_id
+        self._set(message=f"stopping at {stop_pulse_id}")
+        await self._close_members(run, "STOP_PULSE_ID", float(stop_pulse_id))
+        await self._until_done(run)
+
+    async def abort(self) -> None:
+        self._pending_stop = None
+        run = self._active()
+        if run is None:
+            return
+        self._set(message="aborting")
+        await self._close_members(run, "ABORT", _DO)
+        await self._until_done(run)
+
+    async def _close_members(self, run: _Run, name: str, value) -> None:
+        refusals = await asyncio.gather(*(self._close_member(run, member_run, name, value)
+                                          for member_run in run.running()))
+        refused = [text for text in refusals if text]
+        if refused:
+            raise GroupError("; ".join(refused))
+
+    async def _close_member(self, run: _Run, member_run: _MemberRun, name: str,
+                            value) -> str | None:
+        """Put STOP or ABORT and wait for the member's file; a refusal of a member that
+        still runs is returned (the put fails, the acquisition goes on)."""
+        member = member_run.member
+        try:
+            await member.put(name, value, timeout=None)
+        except MemberRefused as error:
+            if member.connected and member.state in _RUNNING:
+                return str(error)
+            self._member_failed(run, member_run, str(error))
+            return None
+        except MemberUnreachable as error:
+            self._member_failed(run, member_run, str(error))
+            return None
+        await self._member_closed(run, member_run)
+        return None
+
+    async def _member_closed(self, run: _Run, member_run: _MemberRun) -> None:
+        member = member_run.member
+        try:
+            last_file = await member.read("LAST_FILE")
+            figures = [int(await member.read(n)) for n in ("WRITTEN", "MISSING", "LOST")]
+        except MemberUnreachable as error:
+            self._member_failed(run, member_run, str(error))
+            return
+        if not last_file.endswith("/" + member_run.relative_file):
+            # Idle before the stop came (its file failed, or was closed by someone else).
+            self._member_failed(run, member_run, f"no file ({await member.message()})")
+            return
+        if not member_run.closed.done():
+            member_run.closed.set_result(MemberOutcome(member.prefix, member.name, WRITTEN,
+                                                       last_file, *figures))
+
+    def _member_failed(self, run: _Run, member_run: _MemberRun, reason: str) -> None:
+        if member_run.closed.done():
+            return
+        member = member_run.member
+        message = f"member {member.prefix} failed: {reason}"
+        log.error("%s", message)
+        member_run.closed.set_result(MemberOutcome(member.prefix, member.name, FAILED,
+                                                   message=message))
+        self._set(State.ERROR, message)
+
+    async def _until_done(self, run: _Run) -> None:
+        failures = await asyncio.shield(run.done)
+        if failures:
+            raise GroupError(failures)
+
+    async def _finish(self, run: _Run) -> None:
+        """Once every member is closed or failed: the master file, then IDLE or ERROR.
+        ``run.done`` gets the failures' text ("" when all went well)."""
+        outcomes = [*await asyncio.gather(*(r.closed for r in run.members)), *run.absent]
+        failed = [o.message for o in outcomes if o.status == FAILED]
+        if self.status.state is not State.ERROR:
+            self._set(State.CLOSING)
+        loop = asyncio.get_running_loop()
+        try:
+            summary = await loop.run_in_executor(None, write_master, run.master,
+                                                 run.general, outcomes)
+        except OSError as error:
+            failed.append(f"master file {run.master} failed: {error}")
+            self._set(State.ERROR, "; ".join(failed))
+            run.done.set_result("; ".join(failed))
+            return
+        written = sum(o.status == WRITTEN for o in outcomes)
+        message = (f"wrote {summary.path}: {summary.channels} channels of {written} of "
+                   f"{len(outcomes)} members")
+        if summary.duplicates:
+            message += f"; linked once only: {', '.join(summary.duplicates)}"
+        if failed:
+            message = "; ".join(failed) + "; " + message
+        self._set(State.ERROR if failed else State.IDLE, message, str(summary.path))
+        run.done.set_result("; ".join(failed))
+
+    # ---- member monitors -------------------------------------------------------------
+
+    def member_changed(self, member: Member) -> None:
+        """A member's STATE, LAST_FILE, LAST_PULSE_ID or connection changed (on the loop)."""
+        self._on_status()
+        run = self._active()
+        if run is None:
+            return
+        for member_run in run.running():
+            if member_run.member is member:
+                self._follow(run, member_run)
+        if self.status.state is State.WAITING and all(r.writing or r.closed.done()
+                                                      for r in run.members):
+            self._set(State.WRITING)
+
+    def _follow(self, run: _Run, member_run: _MemberRun) -> None:
+        member = member_run.member
+        if not member.connected:
+            self._member_failed(run, member_run, "disconnected")
+        elif member.state in _RUNNING:
+            member_run.seen_running = True
+            member_run.writing = member_run.writing or member.state != "WAITING"
+        elif member.state == "ERROR" and member_run.seen_running:
+            self._spawn(self._failed_with_reason(run, member_run))
+
+    async def _failed_with_reason(self, run: _Run, member_run: _MemberRun) -> None:
+        self._member_failed(run, member_run, await member_run.member.message())
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            if isinstance(error, GroupError):
+                self._set(message=str(error))
+            else:
+                log.error("group task failed", exc_info=error)
+
+
+def _names(items) -> str:
+    """The prefixes of members or outcomes, for a message."""
+    return ", ".join(item.prefix for item in items)

@@ -1,0 +1,1 @@
+"""Where a file may be written and who owns it: rules shared by every writer of files."""

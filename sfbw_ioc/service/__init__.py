@@ -1,0 +1,1 @@
+"""Running the IOC: wiring of the threads, life cycle, watchdog."""

@@ -1,0 +1,208 @@
+"""The IOC's life: the threads of the data path built and started, the Channel Access
+server run on the asyncio loop, and everything stopped in the reverse order, with the
+running files completed."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from typing import Any
+
+import zmq
+from caproto import AccessRights
+from caproto.asyncio.server import Context
+
+from ..acquisition.controller import AcquisitionController
+from ..bridges.rest import RestApi
+from ..commandline import configure_logging, prepare_output_root, prompt_monitors
+from ..output import ownership
+from ..pvs import access
+from ..pvs.ioc import Backend, SfbwIOC, ioc_class
+from ..stream import memory
+from ..stream.forward import Forwarder
+from ..stream.malformed import MalformedCounter
+from ..stream.receiver import Receiver
+from ..stream.ring import RingBuffer
+from ..stream.simulator import Simulator
+from .caprobe import PROBE_HOST, PROBE_USER, CaProbe, probe_address
+from .watchdog import Watchdog
+
+log = logging.getLogger("sfbw_ioc")
+
+
+class StartupFailed(Exception):
+    """A resource the IOC was told to use cannot be had: start-up fails, logged CRITICAL."""
+
+
+def run(args: argparse.Namespace, ioc_options: dict[str, Any],
+        run_options: dict[str, Any]) -> int:
+    """Run the IOC until SIGTERM or Ctrl-C; the exit status."""
+    configure_logging(args.quiet)
+    prompt_monitors()
+    if not prepare_output_root(args.output_root):
+        return 1
+    stop_requested = _stop_on_signals()
+    status = 0
+    with contextlib.ExitStack() as stack:
+        try:
+            ioc, controllers = _start_data_path(args, ioc_options, stack)
+            supervision = stack.enter_context(Supervision(args.watchdog_seconds))
+            log.info("IOC %s serving %d PVs; files go to %s", args.prefix, len(ioc.pvdb),
+                     controllers[0].output_root)
+            asyncio.run(_serve(ioc, controllers[0], args, run_options, supervision))
+            if not stop_requested.is_set():
+                log.critical("the Channel Access server ended by itself")
+                status = 1
+        except KeyboardInterrupt:
+            if not stop_requested.is_set():
+                raise
+        except StartupFailed as error:
+            log.critical("%s", error)
+            status = 1
+        except Exception:
+            log.critical("the Channel Access server failed", exc_info=True)
+            status = 1
+    log.info("IOC stopped" if status == 0 else "IOC stopped after a failure")
+    return status
+
+
+def _start_data_path(args: argparse.Namespace, ioc_options: dict[str, Any],
+                     stack: contextlib.ExitStack
+                     ) -> tuple[SfbwIOC, tuple[AcquisitionController, ...]]:
+    """Source, ring, receiver and writers, started; each stop is on ``stack``, so they
+    end in the reverse order: running acquisitions are completed with what has arrived
+    before the receiver stops."""
+    access_config = _access_security(args)
+    stream, mode = args.stream, args.mode
+    if args.simulate:
+        simulator = Simulator("tcp://127.0.0.1:*", rate_hz=args.simulate_rate)
+        simulator.start()
+        stack.callback(simulator.stop)
+        stream, mode = simulator.endpoint, "pull"
+        log.info("simulated bsread source on %s", stream)
+
+    memory.tune_allocator()
+    ring = RingBuffer(args.buffer_length, args.buffer_bytes)
+    trimmer = memory.HeapTrimmer(ring=ring)
+    trimmer.start()
+    stack.callback(trimmer.stop)
+    forwarder = _forwarder(args)
+    if forwarder is not None:
+        stack.callback(forwarder.close)
+    malformed = MalformedCounter()
+    receiver = Receiver(stream, ring, malformed, mode=mode, forward=forwarder)
+    owner = ownership.Owner(file_mode=args.file_mode, dir_mode=args.dir_mode)
+    controllers = tuple(AcquisitionController(ring, malformed, args.output_root,
+                                              args.pulse_rate, owner)
+                        for _ in range(args.writers))
+    backend = Backend(ring, receiver, malformed, controllers, args.image_max_pixels, forwarder)
+    ioc = ioc_class(args.writers)(backend=backend, **ioc_options)
+    if access_config is not None:
+        access.apply(access_config, ioc.pvdb)
+    receiver.start()
+    stack.callback(receiver.stop)
+    for controller in controllers:
+        controller.start_thread()
+        stack.callback(controller.shutdown)
+    return ioc, controllers
+
+
+def _forwarder(args: argparse.Namespace) -> Forwarder | None:
+    if not args.output_port:
+        return None
+    try:
+        return Forwarder(args.output_port, args.output_mode)
+    except zmq.ZMQError as error:
+        raise StartupFailed(f"cannot re-publish on port {args.output_port}: {error}") from error
+
+
+async def _serve(ioc: SfbwIOC, controller: AcquisitionController, args: argparse.Namespace,
+                 run_options: dict[str, Any], supervision: Supervision) -> None:
+    server = Context(ioc.pvdb, run_options["interfaces"])  # in the loop it runs in
+
+    async def start_probe(async_lib) -> None:
+        """The server listens now: its port is known (caproto takes another when the
+        configured one is in use)."""
+        supervision.start_probe(probe_address(next(iter(server.tcp_sockets)), server.port),
+                                ioc.first_writer.STATE.pvname)
+
+    async with contextlib.AsyncExitStack() as stack:
+        if args.rest_port:
+            rest = RestApi(ioc.first_writer, controller)
+            try:
+                await rest.start(args.rest_host, args.rest_port)
+            except OSError as error:
+                raise StartupFailed(f"cannot serve the REST API on {args.rest_host}:"
+                                    f"{args.rest_port}: {error}") from error
+            stack.push_async_callback(rest.stop)
+        await server.run(log_pv_names=run_options["log_pv_names"],
+                         startup_hook=start_probe if supervision.watchdog else None)
+
+
+class Supervision:
+    """The watchdog and the IOC's own CA client that feeds it (none with
+    --watchdog-seconds 0). Stopped first: closing files may take a while once the loop
+    is gone, and the watchdog must not fire then."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.watchdog = Watchdog(timeout_s) if timeout_s else None
+        self._probe: CaProbe | None = None
+
+    def __enter__(self) -> Supervision:
+        if self.watchdog is not None:
+            self.watchdog.start()
+        return self
+
+    def start_probe(self, address: tuple[str, int], pvname: str) -> None:
+        assert self.watchdog is not None
+        self._probe = CaProbe(address, pvname, self.watchdog.beat)
+        self._probe.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        if self._probe is not None:
+            self._probe.stop()
+
+
+def _access_security(args: argparse.Namespace) -> access.AccessConfig | None:
+    """The --access-security file, parsed (None without the option); refused when it is
+    invalid or would blind the watchdog, whose self-check must read STATE."""
+    if args.access_security is None:
+        return None
+    try:
+        config = access.load(args.access_security)
+    except (OSError, ValueError) as error:
+        raise StartupFailed(f"cannot use the access security file {args.access_security}: "
+                            f"{error}") from error
+    if (args.watchdog_seconds
+            and AccessRights.READ not in config.rights(access.DEFAULT, PROBE_HOST, PROBE_USER)):
+        raise StartupFailed(
+            f"cannot use the access security file {args.access_security}: it denies the "
+            f"watchdog's self-check (user {PROBE_USER} on host {PROBE_HOST}) reading STATE, "
+            f"in ASG {access.DEFAULT}: allow it, or give --watchdog-seconds 0")
+    return config
+
+
+def _stop_on_signals() -> threading.Event:
+    """SIGTERM (systemd, tests) and Ctrl-C end the server as KeyboardInterrupt, so
+    files get closed; the event tells a requested stop from a server that died. Only
+    the first signal interrupts: a second one (Ctrl-C twice, `timeout` signalling the
+    process and then its group) must not break off the closing of the file."""
+    requested = threading.Event()
+
+    def interrupt(signum, frame):
+        if requested.is_set():
+            log.warning("%s again: still completing the open file", signal.Signals(signum).name)
+            return
+        requested.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    # A SIGINT ignored by the parent (background jobs) stays ignored.
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, interrupt)
+    return requested

@@ -1,0 +1,1 @@
+"""socket -> ring: the always-on receive side of the data path."""

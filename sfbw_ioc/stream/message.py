@@ -1,0 +1,70 @@
+"""A message as the ring holds it: the parts received, back to back in one bytes object,
+and what the receiver parsed of it."""
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Sequence
+
+import numpy as np
+
+from ..bsread import Buffer, DataHeader
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    """One message as it came off the socket, plus what the receiver already parsed. An
+    image that failed the receiver's check (``bsread.corrupt_chunks``) is stored absent.
+
+    The parts are kept back to back in one bytes object: a small message in 42 separate
+    bytes objects would cost the ring twice its size. The data-header part is not kept:
+    every message with that hash shares ``header``, the parsed one.
+    """
+
+    pulse_id: int
+    global_timestamp_ns: int
+    header: DataHeader
+    payload: bytes  # the main header, then every value and timestamp part
+    main_length: int  # of the main header
+    # Where each value and timestamp part ends, counted from the end of the main header:
+    # messages of a steady stream have equal ``ends`` although their main headers vary.
+    ends: array
+
+    @classmethod
+    def pack(cls, pulse_id: int, global_timestamp_ns: int, header: DataHeader,
+             frames: Sequence[Buffer]) -> RawMessage:
+        main, values = frames[0], frames[2:]
+        return cls(pulse_id, global_timestamp_ns, header, b"".join([main, *values]),
+                   len(main), array("I", accumulate(map(len, values))))
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.payload)
+
+    @property
+    def frames(self) -> list[bytes | memoryview]:
+        """The message's parts as received, with an empty data-header part."""
+        view = memoryview(self.payload)
+        values = view[self.main_length:]
+        parts = [values[start:end] for start, end in zip((0, *self.ends), self.ends)]
+        return [view[:self.main_length], b"", *parts]
+
+    def part(self, index: int) -> memoryview:
+        """Part ``index`` of ``frames`` (2 or more: a value or timestamp part) without
+        slicing every other part: a reader of a few channels of a wide message."""
+        values = memoryview(self.payload)[self.main_length:]
+        position = index - 2
+        return values[self.ends[position - 1] if position else 0:self.ends[position]]
+
+
+def stack_uniform(messages: Sequence[RawMessage]) -> tuple[np.ndarray, array] | None:
+    """The value and timestamp parts of messages whose parts all have the same lengths,
+    as one (n, bytes) uint8 array, and where each part starts and ends in a row
+    (0 first, then the ``ends``); None when the lengths differ."""
+    ends = messages[0].ends
+    if any(message.ends != ends for message in messages):
+        return None
+    joined = b"".join(memoryview(message.payload)[message.main_length:] for message in messages)
+    rows = np.frombuffer(joined, np.uint8).reshape(len(messages), ends[-1] if ends else 0)
+    return rows, array("I", [0]) + ends
