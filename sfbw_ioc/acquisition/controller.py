@@ -23,6 +23,7 @@ import numpy as np
 
 from ..bsread import Column, MalformedMessage, decode_columns, decode_uniform_columns
 from ..output.ownership import IOC_OWNER, Owner, OwnershipError
+from ..output.root import OutputPathError, OutputRoot
 from ..stream.malformed import MalformedCounter
 from ..stream.message import RawMessage, stack_uniform
 from ..stream.ring import RingBuffer, typical_step
@@ -79,7 +80,8 @@ class AcquisitionController:
                  pulse_rate: float = 100.0, owner: Owner = IOC_OWNER) -> None:
         self._ring = ring
         self._malformed = malformed
-        self.output_root = Path(output_root).resolve()
+        self._root = OutputRoot(output_root)
+        self.output_root = self._root.path
         self.owner = owner  # of every file unless a START names another (its modes stay)
         self._pulse_rate = pulse_rate
         self._on_change: Callable[[Status], None] | None = None
@@ -239,18 +241,10 @@ class AcquisitionController:
     def resolve_output(self, output_file: str, must_be_new: bool = True) -> Path:
         """The absolute target for OUTPUT_FILE, refused when outside the root or (unless
         ``must_be_new`` is False) taken."""
-        if not output_file.strip():
-            raise AcquisitionError("OUTPUT_FILE is empty")
-        if "\0" in output_file:
-            raise AcquisitionError("OUTPUT_FILE contains a NUL character")
-        path = Path(output_file)
-        target = (path if path.is_absolute() else self.output_root / path).resolve()
-        if not target.is_relative_to(self.output_root) or target == self.output_root:
-            raise AcquisitionError(f"{output_file!r} is outside the output root "
-                                   f"{self.output_root}")
-        if must_be_new and target.exists():
-            raise AcquisitionError(f"{target} exists already; files are never overwritten")
-        return target
+        try:
+            return self._root.resolve(output_file, must_be_new=must_be_new)
+        except OutputPathError as error:
+            raise AcquisitionError(str(error)) from error
 
     # ---- helpers of the commands (lock held) -----------------------------------------
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Awaitable, Callable, Mapping, Sequence
 
+from ..output.root import OutputPathError, OutputRoot
 from ..vocabulary import NOT_GIVEN, State
 from .master import ABSENT, FAILED, WRITTEN, MemberOutcome, write_master
 from .member import Member, MemberError, MemberRefused, MemberUnreachable
@@ -64,7 +65,8 @@ class Coordinator:
     def __init__(self, members: Sequence[Member], output_root: Path, allow_partial: bool,
                  on_status: Callable[[], None]) -> None:
         self.members = list(members)
-        self.output_root = Path(output_root).resolve()
+        self._root = OutputRoot(output_root)
+        self.output_root = self._root.path
         self.allow_partial = allow_partial
         self._on_status = on_status
         self.status = GroupStatus()
@@ -159,18 +161,10 @@ class Coordinator:
 
     def resolve_master(self, output_file: str) -> tuple[Path, str]:
         """The master's absolute path and the members' file stem (relative), or why not."""
-        text = output_file.strip()
-        if not text or "\0" in text:
-            raise GroupError("OUTPUT_FILE is empty" if not text else "OUTPUT_FILE has a NUL")
-        target = (self.output_root / text).resolve()
-        if not target.is_relative_to(self.output_root) or target == self.output_root:
-            raise GroupError(f"{output_file!r} is outside the output root {self.output_root}")
-        if not target.suffix:
-            raise GroupError(f"{output_file!r} needs a suffix such as .h5: members write "
-                             f"<name without it>/<member>.h5")
-        if target.exists():
-            raise GroupError(f"{target} exists already; files are never overwritten")
-        return target, PurePath(target.relative_to(self.output_root)).with_suffix("").as_posix()
+        try:
+            return self._root.master(output_file)
+        except OutputPathError as error:
+            raise GroupError(str(error)) from error
 
     def _ready_members(self) -> tuple[list[Member], list[MemberOutcome]]:
         ready, absent = [], []

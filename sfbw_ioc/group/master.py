@@ -14,7 +14,6 @@ order); the others' copies stay reachable under /members/<name>/data.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -24,7 +23,7 @@ import numpy as np
 
 # The same /general layout, timestamps and durability as a member's file, by the same code.
 from ..hdf5.general import now, write_general
-from ..output.root import fsync_path
+from ..output.root import partial_path, publish
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +59,13 @@ def write_master(path: Path, general: Mapping[str, str],
                  outcomes: Sequence[MemberOutcome]) -> MasterSummary:
     """Write the master file at ``path`` (never over an existing file; written as
     ``.partial`` first). Blocking: call it from an executor."""
-    partial = path.with_name(path.name + ".partial")
+    partial = partial_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(partial, "x") as h5:
         write_general(h5, general, created=now())
         h5["general"].create_dataset("members", data=_members_table(outcomes))
         channels, duplicates = _link_members(h5, outcomes)
-    fsync_path(partial)
-    os.link(partial, path)  # fails instead of replacing a file that appeared meanwhile
-    partial.unlink()
+    publish(partial, path)
     log.info("master %s: %d channels of %d members", path, channels, len(outcomes))
     return MasterSummary(path, channels, duplicates)
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from typing import Any, Callable
 
 import caproto as ca
 import numpy as np
 from caproto.asyncio.client import Context
 
+from ..output.root import safe_name
 from ..vocabulary import State
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,8 @@ def file_name(prefix: str) -> str:
     """A member's file name (without .h5) from its PV prefix: trailing colons dropped,
     other colons and anything unsafe in a file name become '_'
     ('SARES11-SFBW1:' -> 'SARES11-SFBW1', 'X:CAM:' -> 'X_CAM')."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", prefix.rstrip(":"))
-    if not name.strip("._"):
+    name = safe_name(prefix.rstrip(":"))
+    if name is None:
         raise ValueError(f"member prefix {prefix!r} gives no usable file name")
     return name
 

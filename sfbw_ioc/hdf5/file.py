@@ -32,7 +32,7 @@ import numpy as np
 
 from ..bsread import ChannelValue, Column
 from ..output.ownership import IOC_OWNER, Owner
-from ..output.root import fsync_path, partial_path
+from ..output.root import partial_path, publish, taken_by
 from .channel import ChannelDatasets
 from .general import now, write_general
 from .layout import BATCH_BYTES_LIMIT, Definition
@@ -93,9 +93,9 @@ class OutputFile:
             raise ValueError(f"batch_rows must be positive, not {batch_rows}")
         self.target = Path(target)
         self.partial = partial_path(self.target)
-        for path in (self.target, self.partial):
-            if os.path.lexists(path):
-                raise FileExistsError(errno.EEXIST, "refusing to overwrite", str(path))
+        taken = taken_by(self.target)
+        if taken is not None:
+            raise FileExistsError(errno.EEXIST, "refusing to overwrite", str(taken))
         self._batch_rows = batch_rows
         self._rows = 0
         self._batch_start = 0
@@ -216,11 +216,8 @@ class OutputFile:
             # Never closed twice: a second close after a failed one crashes HDF5.
             h5, self._h5 = self._h5, None
             h5.close()
-        fsync_path(self.partial)
-        os.link(self.partial, self.target)  # unlike rename, fails if target exists
+        publish(self.partial, self.target)
         self._path = self.target
-        self.partial.unlink()
-        fsync_path(self.target.parent)
         log.info("wrote %d rows to %s", self._rows, self.target)
         return self.target
 

@@ -21,7 +21,7 @@ from ..acquisition import naming
 from ..acquisition.controller import AcquisitionController
 from ..acquisition.selection import ChannelSelection
 from ..output import ownership
-from ..output.root import partial_path
+from ..output.root import taken_by
 from ..vocabulary import AcquisitionError, State, Status
 from .acquisition import AcquisitionPVs
 from .kinds import PutRejected, pulse_id_pv, stat_pv, text_pv, write_if_changed
@@ -232,7 +232,7 @@ class WriterPVs(AcquisitionPVs):
         for number in range(fields["number"], fields["number"] + _NUMBERS_TRIED):
             target = self._control.resolve_output(
                 naming.compose(**{**fields, "number": number}), must_be_new=False)
-            if not (target.exists() or partial_path(target).exists()):
+            if taken_by(target) is None:
                 return number
         raise AcquisitionError(f"no free file number among the {_NUMBERS_TRIED} from "
                                f"{fields['number']}")
