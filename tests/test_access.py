@@ -4,6 +4,8 @@ tools running as two Unix users the test creates (one may write, one may not), b
 pyepics and by caproto's client."""
 from __future__ import annotations
 
+import getpass
+import json
 import os
 import shutil
 import socket
@@ -19,9 +21,10 @@ from caproto import AccessRights
 from caproto.sync import client as caproto_client
 
 from harness import EPICS_BIN, REPO, IocProcess, ca_client_environment, ioc_environment, \
-    unique_prefix
+    poll, unique_prefix
 from sfbw_ioc.pvs import access
 from sfbw_ioc.pvs.access import AccessConfigError, parse
+from sfbw_ioc.service.caprobe import PROBE_USER
 
 CA_TIMEOUT = "5"
 RW = AccessRights.READ | AccessRights.WRITE
@@ -68,22 +71,31 @@ def test_rights_follow_asLib() -> None:
     # UAG and HAG must both match; hosts compare case-insensitively, users exactly.
     assert config.rights("CONTROL", "cr-pc1", "alice") == RW
     assert config.rights("CONTROL", "Cr-Pc2.PSI.ch", "bob smith") == RW
-    assert config.rights("CONTROL", "office-pc", "alice") == READ  # no rule applies
-    assert config.rights("CONTROL", "cr-pc1", "Alice") == READ
-    assert config.rights("CONTROL", None, None) == READ
+    # A client no rule applies to has no access, not even READ.
+    assert config.rights("CONTROL", "office-pc", "alice") == NONE
+    assert config.rights("CONTROL", "cr-pc1", "Alice") == NONE
+    assert config.rights("CONTROL", None, None) == NONE
     assert config.rights("DEFAULT", "cr-pc1", "alice") == READ
     # An ASG the file does not define follows DEFAULT.
     assert config.rights("ELSEWHERE", "cr-pc1", "alice") == READ
     # A rule applies when the PV's level is at most the rule's.
-    assert config.rights("CONTROL", "cr-pc1", "alice", level=2) == READ
+    assert config.rights("CONTROL", "cr-pc1", "alice", level=2) == NONE
 
 
-def test_most_permissive_rule_wins_and_none_only_where_nothing_else_applies() -> None:
-    config = parse("UAG(ops) {alice}\nUAG(banned) {alice, eve}\n"
-                   "ASG(CONTROL) { RULE(1, NONE) { UAG(banned) } RULE(1, WRITE) { UAG(ops) } }")
+def test_default_without_rules_gives_nobody_access() -> None:
+    """asLib makes DEFAULT when the file has none: a PV in it is then nobody's."""
+    config = parse("UAG(ops) {alice}\nASG(CONTROL) { RULE(1, WRITE) { UAG(ops) } }")
+    assert config.rights("DEFAULT", "h", "alice") == NONE
     assert config.rights("CONTROL", "h", "alice") == RW
-    assert config.rights("CONTROL", "h", "eve") == NONE
-    assert config.rights("CONTROL", "h", "mallory") == READ
+
+
+def test_most_permissive_rule_wins_and_none_takes_nothing_away() -> None:
+    config = parse("UAG(ops) {alice}\nUAG(banned) {alice, eve}\n"
+                   "ASG(CONTROL) { RULE(1, NONE) { UAG(banned) } RULE(1, WRITE) { UAG(ops) } "
+                   "RULE(1, READ) { UAG(banned) } }")
+    assert config.rights("CONTROL", "h", "alice") == RW
+    assert config.rights("CONTROL", "h", "eve") == READ
+    assert config.rights("CONTROL", "h", "mallory") == NONE
 
 
 def test_rule_without_condition_applies_to_everybody() -> None:
@@ -122,9 +134,17 @@ def test_bad_text_is_an_error_with_its_line(text: str, line: int, reason: str) -
     assert str(raised.value).startswith(f"line {line}: ")
 
 
-def test_shipped_example_parses() -> None:
-    config = access.load(REPO / "db/sfbw.acf")
-    assert {"CONTROL", "DEFAULT"} <= set(config.asgs)
+def test_shipped_examples_parse_and_let_the_watchdog_read() -> None:
+    for name in ("sfbw.acf", "sfbw-readers.acf"):
+        config = access.load(REPO / "db" / name)
+        assert {"CONTROL", "DEFAULT"} <= set(config.asgs)
+        assert READ in config.rights("DEFAULT", "localhost", PROBE_USER)
+    everybody = access.load(REPO / "db/sfbw.acf")
+    assert everybody.rights("DEFAULT", "any-host", "anyone") == READ
+    assert everybody.rights("CONTROL", "any-host", "anyone") == READ
+    readers = access.load(REPO / "db/sfbw-readers.acf")
+    assert readers.rights("DEFAULT", "any-host", "anyone") == NONE
+    assert readers.rights("CONTROL", "any-host", "sfbwdaq") == RW
 
 
 # ---- the IOC under an ACF, clients as other Unix users ---------------------------------
@@ -153,13 +173,13 @@ def users():
 
 @pytest.fixture(scope="module")
 def tools():
-    """caget/caput/cainfo where any user may run them: the installed ones lie below
+    """caget/caput/cainfo/camonitor where any user may run them: the installed ones lie below
     /root, which other users cannot enter (RUNPATH $ORIGIN/../lib finds the libraries)."""
     directory = Path(tempfile.mkdtemp(prefix="sfbw-ca-tools-"))
     try:
         (directory / "bin").mkdir()
         (directory / "lib").mkdir()
-        for tool in ("caget", "caput", "cainfo"):
+        for tool in ("caget", "caput", "cainfo", "camonitor"):
             shutil.copy2(EPICS_BIN / tool, directory / "bin" / tool)
         for library in (EPICS_BIN.parent / "lib").glob("lib*.so*"):
             if library.name.startswith(("libca.", "libCom.")):
@@ -180,6 +200,7 @@ HAG(here) {{{host.upper()}}}
 HAG(elsewhere) {{"no-such-host.example"}}
 ASG(DEFAULT) {{ RULE(1, READ) }}
 ASG(CONTROL) {{
+    RULE(1, READ)
     RULE(1, WRITE) {{ UAG(operators) HAG(here) }}
     RULE(1, WRITE) {{ UAG(guests) HAG(elsewhere) }}
 }}
@@ -200,12 +221,15 @@ def secured_ioc(users, tmp_path_factory, ca_ports):
 
 
 def as_user(user: str, tools: Path, ioc: IocProcess, *command: str,
-            hostname: str | None = None) -> subprocess.CompletedProcess:
+            hostname: str | None = None, seconds: float | None = None
+            ) -> subprocess.CompletedProcess:
     """An EPICS tool run as ``user`` (from a host named ``hostname``: a new UTS
-    namespace, where libca takes the host name it sends from)."""
+    namespace, where libca takes the host name it sends from), interrupted after
+    ``seconds`` if given (a camonitor)."""
     env = {**os.environ, **ca_client_environment([ioc.port])}
     tool, *args = command
-    argv = ["runuser", "-u", user, "--", str(tools / tool), *args]
+    limit = ["timeout", "-s", "INT", str(seconds)] if seconds is not None else []
+    argv = ["runuser", "-u", user, "--", *limit, str(tools / tool), *args]
     if hostname is not None:
         argv = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', hostname, *argv]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
@@ -280,6 +304,166 @@ def test_other_clients_see_no_write_access_and_the_server_refuses(secured_ioc):
         caproto_client.write(ioc.pv("PROCESS"), "intruder", notify=True, timeout=5)
     assert ioc.text("PROCESS") == before
     assert ioc.get("PROCESS", as_string=True, count=0) == before
+
+
+# ---- READ as EPICS enforces it: the same file on EPICS's softIoc and on this IOC --------
+
+def readers_acf(reader: str) -> str:
+    """The file of the report: only UAG(readers) may read anything (nobody writes).
+    The watchdog's self-check reads STATE as its own user, and this test's harness as
+    this process's: they are readers too."""
+    return f"""\
+UAG(readers) {{{reader}, {PROBE_USER}, {getpass.getuser()}}}
+ASG(DEFAULT) {{ RULE(1, READ) {{ UAG(readers) }} }}
+ASG(CONTROL) {{ RULE(1, READ) {{ UAG(readers) }} }}
+"""
+
+
+class SoftIoc:
+    """EPICS's own softIoc serving db/sfbw.db (the same PV names, each writable one in
+    ASG CONTROL) under an ACF file."""
+
+    def __init__(self, port: int, prefix: str, acf: Path, log_path: Path) -> None:
+        self.port, self.prefix = port, prefix
+        self._log = log_path.open("w")
+        self._process = subprocess.Popen(
+            [str(EPICS_BIN / "softIoc"), "-S", "-a", str(acf), "-m", f"P={prefix}",
+             "-d", str(REPO / "db/sfbw.db")],
+            env={**os.environ, **ioc_environment(port)}, stdout=self._log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        connected = poll(lambda: epics.PV(self.pv("W1:STATE")).wait_for_connection(0.5), 20)
+        assert connected, log_path.read_text()
+
+    def pv(self, name: str) -> str:
+        return self.prefix + name
+
+    def stop(self) -> None:
+        self._process.terminate()
+        self._process.wait(10)
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def readers_file(users, tmp_path_factory):
+    _, reader = users
+    path = tmp_path_factory.mktemp("readers") / "readers.acf"
+    path.write_text(readers_acf(reader))
+    return path
+
+
+@pytest.fixture(scope="module")
+def both_iocs(readers_file, tmp_path_factory, ca_ports):
+    """softIoc and this IOC on the same file, each on a port of its own."""
+    directory = readers_file.parent
+    soft = SoftIoc(ca_ports(), unique_prefix("ASR"), readers_file, directory / "softioc.log")
+    ours = IocProcess(ca_ports(), unique_prefix("ASR"),
+                      ["--simulate", "--simulate-rate", "20", "--access-security",
+                       str(readers_file), "--output-root", str(directory / "data")],
+                      directory / "ioc.log")
+    yield {"softIoc": soft, "sfbw-ioc": ours}
+    ours.stop()
+    soft.stop()
+
+
+READ_PVS = ("W1:WRITTEN", "IMAGE:ARRAY", "OUTPUT_FILE")  # a scalar, the image, a control PV
+
+
+def caget_outcome(result: subprocess.CompletedProcess) -> str:
+    return "no read access" if "no read access" in result.stdout else (
+        "value" if result.returncode == 0 and result.stdout.strip() else result.stdout)
+
+
+def camonitor_outcome(user: str, tools: Path, ioc, name: str) -> str:
+    """What camonitor prints within two seconds (its first update comes at once)."""
+    result = as_user(user, tools, ioc, "camonitor", ioc.pv(name), seconds=2)
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    return "updates" if lines and all(ioc.pv(name) in line for line in lines) else (
+        "nothing" if not lines else result.stdout)
+
+
+def caput_outcome(user: str, tools: Path, ioc) -> tuple[int, bool, str]:
+    result = as_user(user, tools, ioc, "caput", "-c", "-w", CA_TIMEOUT, "-S",
+                     ioc.pv("OUTPUT_FILE"), "theirs.h5")
+    old = next((line for line in result.stdout.splitlines() if line.startswith("Old")), "")
+    return (result.returncode, "Write access denied" in result.stderr,
+            "no read access" if "no read access" in old else "value")
+
+
+CAPROTO_CLIENT = """
+import json, sys, threading
+from caproto.threading.client import Context
+pv, = Context().get_pvs(sys.argv[1], timeout=5)
+pv.wait_for_connection(timeout=5)
+read = pv.read(data_type="time", timeout=5)
+updates = []
+def count(sub, response):  # caproto keeps a weak reference: no lambda
+    updates.append(response.status.name)
+pv.subscribe(data_type="time").add_callback(count)
+done = threading.Event()
+done.wait(2)  # the first update of a monitor comes at once; an observation window
+print(json.dumps([read.status.name, len(read.data), updates]))
+"""
+
+
+def caproto_outcome(user: str, ioc, name: str) -> list:
+    """A client that ignores the access rights it is told: what the server hands it."""
+    env = {**os.environ, **ca_client_environment([ioc.port]), "USER": user, "LOGNAME": user}
+    result = subprocess.run([sys.executable, "-c", CAPROTO_CLIENT, ioc.pv(name)], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def outcomes(user: str, tools: Path, ioc) -> dict:
+    seen = {}
+    for name in READ_PVS:
+        seen[f"caget {name}"] = caget_outcome(as_user(user, tools, ioc, "caget", ioc.pv(name)))
+        seen[f"camonitor {name}"] = camonitor_outcome(user, tools, ioc, name)
+    seen["caput OUTPUT_FILE"] = caput_outcome(user, tools, ioc)
+    for name in ("W1:WRITTEN", "IMAGE:ARRAY"):
+        status, count, updates = caproto_outcome(user, ioc, name)
+        # A refused read hands over no value, a refused subscription one refusal.
+        granted = status == "ECA_NORMAL"
+        seen[f"caproto {name}"] = (status, bool(updates) if granted else updates,
+                                   None if granted else count)
+    return seen
+
+
+READER_SEES = {**{f"caget {name}": "value" for name in READ_PVS},
+               **{f"camonitor {name}": "updates" for name in READ_PVS},
+               "caput OUTPUT_FILE": (1, True, "value"),
+               "caproto W1:WRITTEN": ("ECA_NORMAL", True, None),
+               "caproto IMAGE:ARRAY": ("ECA_NORMAL", True, None)}
+OUTSIDER_SEES = {**{f"caget {name}": "no read access" for name in READ_PVS},
+                 **{f"camonitor {name}": "nothing" for name in READ_PVS},
+                 "caput OUTPUT_FILE": (1, True, "no read access"),
+                 "caproto W1:WRITTEN": ("ECA_NORDACCESS", ["ECA_NORDACCESS"], 0),
+                 "caproto IMAGE:ARRAY": ("ECA_NORDACCESS", ["ECA_NORDACCESS"], 0)}
+
+
+@pytest.mark.parametrize("role, expected", [("reader", READER_SEES),
+                                            ("outsider", OUTSIDER_SEES)])
+def test_read_rules_answer_as_softioc_does(both_iocs, users, tools, role, expected):
+    """caget, camonitor and caput as a user in UAG(readers) and as one outside it, and a
+    client that ignores its rights (caproto's): the same on softIoc and on this IOC."""
+    outsider, reader = users
+    user = reader if role == "reader" else outsider
+    seen = {name: outcomes(user, tools, ioc) for name, ioc in both_iocs.items()}
+    assert seen["softIoc"] == expected
+    assert seen["sfbw-ioc"] == expected
+    ours = both_iocs["sfbw-ioc"]
+    assert ours.text("OUTPUT_FILE") != "theirs.h5"
+
+
+def test_a_refused_monitor_gets_no_update_after_its_refusal(both_iocs, users):
+    """RECEIVED changes twice a second: a reader sees it change, an outsider's
+    subscription (by a client that ignores its rights) is answered once and never again."""
+    outsider, reader = users
+    ours = both_iocs["sfbw-ioc"]
+    _, _, updates = caproto_outcome(reader, ours, "RECEIVED")
+    assert len(updates) >= 3 and set(updates) == {"ECA_NORMAL"}
+    assert caproto_outcome(outsider, ours, "RECEIVED") == ["ECA_NORDACCESS", 0,
+                                                           ["ECA_NORDACCESS"]]
 
 
 # ---- start-up ----------------------------------------------------------------------------

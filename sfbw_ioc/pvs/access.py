@@ -1,4 +1,4 @@
-"""EPICS access security for the caproto server: an ACF file decides who may write.
+"""EPICS access security for the caproto server: an ACF file decides who may read and write.
 
 The file is read the way EPICS base's asLib reads it (``asLib_lex.l``, ``asLib.y``,
 ``asLibRoutines.c``), for the subset ``UAG``, ``HAG`` and ``ASG`` with
@@ -10,15 +10,16 @@ As in asLib:
 - a rule applies to a client when the PV's access security level (ASL) is at most the
   rule's level, its user is in one of the rule's UAGs (if it names any) and its host is
   in one of the rule's HAGs (if it names any); the client gets the most permissive
-  access of the rules that apply; WRITE includes READ;
+  access of the rules that apply (``NONE`` takes nothing away); WRITE includes READ;
+- a client no rule applies to has no access at all: not even READ (a file that means
+  everybody to read says so with ``RULE(1, READ)``, as db/sfbw.acf does);
 - user names compare exactly, host names case-insensitively (asLib lowercases both the
   HAG's hosts and the client's host); the host is the name the client sends;
-- a PV of an ASG the file does not define belongs to ``DEFAULT``, which always exists.
+- a PV of an ASG the file does not define belongs to ``DEFAULT``, which always exists
+  (without rules, if the file has none for it: then nobody may read those PVs).
 
-Unlike asLib, where a client no rule applies to has no access at all, such a client may
-read (issue 14: "a PV with no matching rule is read-only"); so ``NONE`` takes rights
-away only from a client no more permissive rule applies to. caproto has no field ASLs:
-every PV and field is ASL 0 here, so rules of every level apply to it.
+caproto has no field ASLs: every PV and field is ASL 0 here, so rules of every level
+apply to it. The server enforces READ for reads and monitors (``pvs.ca_server``).
 """
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ class AccessConfig:
         host = (host or "").lower()
         applying = [rule.access for rule in rules
                     if level <= rule.level and self._in(rule, host, user or "")]
-        return max(applying).rights if applying else AccessRights.READ
+        return max(applying).rights if applying else AccessRights.NO_ACCESS
 
     def _in(self, rule: Rule, host: str, user: str) -> bool:
         return ((not rule.uags or any(user in self.uags[name] for name in rule.uags))
@@ -95,8 +96,8 @@ class _Guard:
     """A PV's ``check_access`` under the ACF: its own rights (a read-only PV stays
     read-only) narrowed by those of its ASG. caproto asks ``check_access`` when a client
     creates a channel (the rights it sends to the client) and again on every read and
-    write (``auth_read``/``auth_write``: a refused write never reaches the putter), not
-    when a client subscribes."""
+    write (``auth_read``/``auth_write``: a refused write never reaches the putter); the
+    server of ``pvs.ca_server`` asks it for every read and subscription too."""
 
     def __init__(self, own, config: AccessConfig, asg: str) -> None:
         self._own = own

@@ -8,6 +8,7 @@ from __future__ import annotations
 from caproto import ChannelType
 from caproto.server import PVGroup
 
+from .access import CONTROL
 from .kinds import TextData
 
 # mbbi state-string fields, in EPICS order.
@@ -24,6 +25,8 @@ def record_fields(pv) -> dict[str, str]:
     spec = pv.pvspec
     options = spec.cls_kwargs
     fields = {"DESC": spec.doc or ""}
+    if not spec.read_only:  # as access.apply puts it: softIoc -a then enforces the same
+        fields["ASG"] = CONTROL
     if spec.record in ("ai", "ao"):
         fields["PREC"] = str(options.get("precision", 0))
         if options.get("units"):

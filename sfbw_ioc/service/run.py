@@ -13,13 +13,13 @@ from typing import Any
 
 import zmq
 from caproto import AccessRights
-from caproto.asyncio.server import Context
 
 from ..acquisition.controller import AcquisitionController
 from ..bridges.rest import RestApi
 from ..commandline import configure_logging, prepare_output_root, prompt_monitors
 from ..output import ownership
 from ..pvs import access
+from ..pvs.ca_server import Context
 from ..pvs.ioc import Backend, SfbwIOC, ioc_class
 from ..stream import memory
 from ..stream.forward import Forwarder
