@@ -42,7 +42,7 @@ class MemberSeen(Protocol):
     def last_pulse_id(self) -> int | None: ...  # None: nothing received, or disconnected
 
 
-M = TypeVar("M", bound=MemberSeen)
+_M = TypeVar("_M", bound=MemberSeen)
 
 
 # ---- START ---------------------------------------------------------------------------
@@ -56,8 +56,13 @@ def unready_reason(member: MemberSeen) -> str | None:
     return None
 
 
-def ready_members(members: Sequence[M], allow_partial: bool
-                  ) -> tuple[list[M], list[MemberOutcome]]:
+def absent_outcome(member: MemberSeen, message: str) -> MemberOutcome:
+    """A member left out of the acquisition; ``message`` names it and says why."""
+    return MemberOutcome(member.prefix, member.name, ABSENT, message=message)
+
+
+def ready_members(members: Sequence[_M], allow_partial: bool
+                  ) -> tuple[list[_M], list[MemberOutcome]]:
     """The members that can start, and the others as absent. Refused when one cannot
     start (unless ``allow_partial``), or none can."""
     ready, absent = [], []
@@ -83,18 +88,13 @@ def newest_pulse_id(members: Iterable[MemberSeen]) -> int:
 
 
 def start_pulse(requested: int | None, ready: Sequence[MemberSeen],
-                   pending_stop: int | None) -> int:
+                pending_stop: int | None) -> int:
     """The pulse every member starts on: the one asked for, or (None: START_NOW) the one
     after the newest any ready member received. Refused when after a stop already set."""
     start = newest_pulse_id(ready) + 1 if requested is None else requested
     if pending_stop is not None and pending_stop < start:
         raise GroupError(f"start {start} is after the stop already set ({pending_stop})")
     return start
-
-
-def absent_outcome(member: MemberSeen, message: str) -> MemberOutcome:
-    """A member left out of the acquisition; ``message`` names it and says why."""
-    return MemberOutcome(member.prefix, member.name, ABSENT, message=message)
 
 
 def configuration_refused(refused: Sequence[MemberOutcome], allow_partial: bool) -> None:
