@@ -3,7 +3,8 @@ member, and the master file once all member files are closed.
 
 Runs on the group IOC's asyncio loop; members are reached only through ``Member``
 (Channel Access puts with callback, monitors). Disk work (the master file) goes to an
-executor.
+executor. What to do (which members, which pulses, what a close means, how it ended) is
+decided in ``decisions``; this carries it out.
 """
 from __future__ import annotations
 
@@ -15,18 +16,16 @@ from typing import Awaitable, Callable, Mapping, Sequence
 
 from ..output.root import OutputPathError, OutputRoot
 from ..vocabulary import NOT_GIVEN, State
-from .master import ABSENT, FAILED, WRITTEN, MemberOutcome, write_master
+from .decisions import (GroupError, Seen, absent_outcome, all_writing, closed_outcome,
+                        configuration_refused, ending, failed_outcome, idle_stop,
+                        master_failed, ready_members, refusal_stands, seen, some_started,
+                        start_pulse, start_refused, started_message, stop_pulse)
+from .master import MemberOutcome, write_master
 from .member import Member, MemberError, MemberRefused, MemberUnreachable
 
 log = logging.getLogger(__name__)
 
-_STARTABLE = ("IDLE", "ERROR")  # member states from which a member can start
-_RUNNING = ("WAITING", "WRITING", "CLOSING")
 _DO = 1  # a command PV's "Do", as its enum index
-
-
-class GroupError(Exception):
-    """A refused group command; the text is for the operator and names the member."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,19 +114,13 @@ class Coordinator:
     async def _start(self, start_pulse_id: int | None, output_file: str,
                      general: Mapping[str, str]) -> None:
         master, stem = await self.check_master(output_file)
-        ready, absent = self._ready_members()
-        if start_pulse_id is None:
-            start_pulse_id = self._newest_pulse_id(ready) + 1
-        if self._pending_stop is not None and self._pending_stop < start_pulse_id:
-            raise GroupError(f"start {start_pulse_id} is after the stop already set "
-                             f"({self._pending_stop})")
-        runs, refused = await self._start_members(ready, stem, start_pulse_id, general)
+        ready, absent = ready_members(self.members, self.allow_partial)
+        start = start_pulse(start_pulse_id, ready, self._pending_stop)
+        runs, refused = await self._start_members(ready, stem, start, general)
         absent += refused
-        self._run = run = _Run(master, dict(general), start_pulse_id, runs, absent)
+        self._run = run = _Run(master, dict(general), start, runs, absent)
         self._spawn(self._finish(run))
-        missing = f" ({len(absent)} absent: {_names(absent)})" if absent else ""
-        self._set(State.WAITING, f"{len(runs)} members writing from pulse {start_pulse_id} "
-                                 f"for {master}{missing}")
+        self._set(State.WAITING, started_message(len(runs), start, master, absent))
         if self._pending_stop is not None:
             stop, self._pending_stop = self._pending_stop, None
             self._spawn(self.stop(stop))
@@ -146,17 +139,15 @@ class Coordinator:
         runs = [_MemberRun(member, f"{stem}/{member.name}.h5", loop.create_future())
                 for member in ready]
         runs, refused = await self._each(runs, self._configure(general))
-        if refused and not self.allow_partial:
-            raise GroupError("; ".join(o.message for o in refused) + ": nothing started")
+        configuration_refused(refused, self.allow_partial)
         absent = refused
         runs, refused = await self._each(runs, self._start_member(start_pulse_id))
-        if refused and not self.allow_partial:
+        refusal = start_refused(refused, [run.member for run in runs], self.allow_partial)
+        if refusal is not None:
             await self._roll_back(runs)
-            rolled = f"; rolled back (ABORT): {_names(r.member for r in runs)}" if runs else ""
-            raise GroupError(f"{refused[0].message}{rolled}")
+            raise refusal
         absent += refused
-        if not runs:
-            raise GroupError("no member could start: " + "; ".join(o.message for o in absent))
+        some_started(len(runs), absent)
         return runs, absent
 
     def resolve_master(self, output_file: str) -> tuple[Path, str]:
@@ -165,28 +156,6 @@ class Coordinator:
             return self._root.master(output_file)
         except OutputPathError as error:
             raise GroupError(str(error)) from error
-
-    def _ready_members(self) -> tuple[list[Member], list[MemberOutcome]]:
-        ready, absent = [], []
-        for member in self.members:
-            if member.connected and member.state in _STARTABLE:
-                ready.append(member)
-                continue
-            why = ("not connected" if not member.connected
-                   else f"busy ({member.state}): stop it first")
-            absent.append(MemberOutcome(member.prefix, member.name, ABSENT,
-                                        message=f"member {member.prefix} {why}"))
-        if absent and not self.allow_partial:
-            raise GroupError("; ".join(o.message for o in absent) + ": nothing started")
-        if not ready:
-            raise GroupError("no member is connected")
-        return ready, absent
-
-    def _newest_pulse_id(self, members: Sequence[Member]) -> int:
-        pulse_ids = [m.last_pulse_id for m in members if m.last_pulse_id is not None]
-        if not pulse_ids:
-            raise GroupError("no member has received a message yet")
-        return max(pulse_ids)
 
     def _configure(self, general: Mapping[str, str]):
         async def configure(run: _MemberRun) -> None:
@@ -211,8 +180,7 @@ class Coordinator:
         done, refused = [], []
         for run, result in zip(runs, results):
             if isinstance(result, MemberError):
-                refused.append(MemberOutcome(run.member.prefix, run.member.name, ABSENT,
-                                             message=str(result)))
+                refused.append(absent_outcome(run.member, str(result)))
             elif isinstance(result, BaseException):
                 raise result
             else:
@@ -233,18 +201,15 @@ class Coordinator:
         them); returns when the master file is written. Idle: kept for the next START."""
         run = self._active()
         if run is None:
-            if stop_pulse_id is None:
-                raise GroupError("no group acquisition is running: nothing to stop")
+            message = idle_stop(stop_pulse_id)
             self._pending_stop = stop_pulse_id
-            self._set(message=f"stop {stop_pulse_id} set for the next start")
+            self._set(message=message)
             return
-        if stop_pulse_id is None:
-            stop_pulse_id = self._newest_pulse_id([r.member for r in run.running()])
-        if stop_pulse_id < run.start_pulse_id:
-            raise GroupError(f"stop {stop_pulse_id} is before the start {run.start_pulse_id}")
-        run.stop_pulse_id = stop_pulse_id
-        self._set(message=f"stopping at {stop_pulse_id}")
-        await self._close_members(run, "STOP_PULSE_ID", float(stop_pulse_id))
+        stop = stop_pulse(stop_pulse_id, run.start_pulse_id,
+                          [r.member for r in run.running()])
+        run.stop_pulse_id = stop
+        self._set(message=f"stopping at {stop}")
+        await self._close_members(run, "STOP_PULSE_ID", float(stop))
         await self._until_done(run)
 
     async def abort(self) -> None:
@@ -271,7 +236,7 @@ class Coordinator:
         try:
             await member.put(name, value, timeout=None)
         except MemberRefused as error:
-            if member.connected and member.state in _RUNNING:
+            if refusal_stands(member):
                 return str(error)
             self._member_failed(run, member_run, str(error))
             return None
@@ -289,23 +254,19 @@ class Coordinator:
         except MemberUnreachable as error:
             self._member_failed(run, member_run, str(error))
             return
-        if not last_file.endswith("/" + member_run.relative_file):
-            # Idle before the stop came (its file failed, or was closed by someone else).
+        outcome = closed_outcome(member, member_run.relative_file, last_file, *figures)
+        if outcome is None:
             self._member_failed(run, member_run, f"no file ({await member.message()})")
-            return
-        if not member_run.closed.done():
-            member_run.closed.set_result(MemberOutcome(member.prefix, member.name, WRITTEN,
-                                                       last_file, *figures))
+        elif not member_run.closed.done():
+            member_run.closed.set_result(outcome)
 
     def _member_failed(self, run: _Run, member_run: _MemberRun, reason: str) -> None:
         if member_run.closed.done():
             return
-        member = member_run.member
-        message = f"member {member.prefix} failed: {reason}"
-        log.error("%s", message)
-        member_run.closed.set_result(MemberOutcome(member.prefix, member.name, FAILED,
-                                                   message=message))
-        self._set(State.ERROR, message)
+        outcome = failed_outcome(member_run.member, reason)
+        log.error("%s", outcome.message)
+        member_run.closed.set_result(outcome)
+        self._set(State.ERROR, outcome.message)
 
     async def _until_done(self, run: _Run) -> None:
         failures = await asyncio.shield(run.done)
@@ -316,7 +277,6 @@ class Coordinator:
         """Once every member is closed or failed: the master file, then IDLE or ERROR.
         ``run.done`` gets the failures' text ("" when all went well)."""
         outcomes = [*await asyncio.gather(*(r.closed for r in run.members)), *run.absent]
-        failed = [o.message for o in outcomes if o.status == FAILED]
         if self.status.state is not State.ERROR:
             self._set(State.CLOSING)
         loop = asyncio.get_running_loop()
@@ -324,19 +284,12 @@ class Coordinator:
             summary = await loop.run_in_executor(None, write_master, run.master,
                                                  run.general, outcomes)
         except OSError as error:
-            failed.append(f"master file {run.master} failed: {error}")
-            self._set(State.ERROR, "; ".join(failed))
-            run.done.set_result("; ".join(failed))
-            return
-        written = sum(o.status == WRITTEN for o in outcomes)
-        message = (f"wrote {summary.path}: {summary.channels} channels of {written} of "
-                   f"{len(outcomes)} members")
-        if summary.duplicates:
-            message += f"; linked once only: {', '.join(summary.duplicates)}"
-        if failed:
-            message = "; ".join(failed) + "; " + message
-        self._set(State.ERROR if failed else State.IDLE, message, str(summary.path))
-        run.done.set_result("; ".join(failed))
+            end = master_failed(outcomes, run.master, error)
+            self._set(end.state, end.message)
+        else:
+            end = ending(outcomes, summary)
+            self._set(end.state, end.message, str(summary.path))
+        run.done.set_result(end.failures)
 
     # ---- member monitors -------------------------------------------------------------
 
@@ -349,19 +302,18 @@ class Coordinator:
         for member_run in run.running():
             if member_run.member is member:
                 self._follow(run, member_run)
-        if self.status.state is State.WAITING and all(r.writing or r.closed.done()
-                                                      for r in run.members):
+        if all_writing(self.status.state, (r.writing or r.closed.done() for r in run.members)):
             self._set(State.WRITING)
 
     def _follow(self, run: _Run, member_run: _MemberRun) -> None:
-        member = member_run.member
-        if not member.connected:
+        change = seen(member_run.member, member_run.seen_running)
+        if change is Seen.DISCONNECTED:
             self._member_failed(run, member_run, "disconnected")
-        elif member.state in _RUNNING:
-            member_run.seen_running = True
-            member_run.writing = member_run.writing or member.state != "WAITING"
-        elif member.state == "ERROR" and member_run.seen_running:
+        elif change is Seen.FAILED:
             self._spawn(self._failed_with_reason(run, member_run))
+        elif change is not Seen.NOTHING:
+            member_run.seen_running = True
+            member_run.writing = member_run.writing or change is Seen.WRITING
 
     async def _failed_with_reason(self, run: _Run, member_run: _MemberRun) -> None:
         self._member_failed(run, member_run, await member_run.member.message())
@@ -379,8 +331,3 @@ class Coordinator:
                 self._set(message=str(error))
             else:
                 log.error("group task failed", exc_info=error)
-
-
-def _names(items) -> str:
-    """The prefixes of members or outcomes, for a message."""
-    return ", ".join(item.prefix for item in items)
