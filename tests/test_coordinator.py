@@ -3,6 +3,7 @@ Channel Access, asyncio or disk: the ``Coordinator`` only carries them out, and
 test_group.py drives it end to end."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,9 +89,13 @@ def test_allow_partial_starts_the_ready_members_and_notes_the_others_absent():
         MemberOutcome("C:", "C", ABSENT, message="member C: busy (CLOSING): stop it first")]
 
 
-@pytest.mark.parametrize("members", [[], [gone("A:"), gone("B:")]])
-def test_allow_partial_with_no_member_ready_is_refused(members):
-    with pytest.raises(GroupError, match="^no member is connected$"):
+@pytest.mark.parametrize("members, reason", [
+    ([], "the group has none"),
+    ([gone("A:"), gone("B:")], "member A: not connected; member B: not connected"),
+    ([Monitored("A:", state="WRITING")], "member A: busy (WRITING): stop it first"),
+])
+def test_allow_partial_with_no_member_ready_is_refused_saying_why(members, reason):
+    with pytest.raises(GroupError, match=f"^no member can start: {re.escape(reason)}$"):
         ready_members(members, allow_partial=True)
 
 

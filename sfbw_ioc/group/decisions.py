@@ -75,7 +75,7 @@ def ready_members(members: Sequence[_M], allow_partial: bool
     if absent and not allow_partial:
         raise GroupError(_messages(absent) + ": nothing started")
     if not ready:
-        raise GroupError("no member is connected")
+        raise GroupError("no member can start: " + (_messages(absent) or "the group has none"))
     return ready, absent
 
 
