@@ -26,11 +26,25 @@ def image_pixels(text: str) -> int:
     return value
 
 
+DEFAULT_PREFIX = "SFBW:"
+DESCRIPTION = ("SwissFEL bsread buffer and writer: buffers a bsread stream all the time "
+               "and writes pulse-id ranges to HDF5 on request over Channel Access.")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, object]:
-    parser, split = template_arg_parser(
-        default_prefix="SFBW:", supported_async_libs=["asyncio"],
-        desc="SwissFEL bsread buffer and writer: buffers a bsread stream all the time "
-             "and writes pulse-id ranges to HDF5 on request over Channel Access.")
+    caproto_parser, split = template_arg_parser(
+        default_prefix=DEFAULT_PREFIX, supported_async_libs=["asyncio"], desc=DESCRIPTION)
+    # caproto's --prefix has no help text. argparse lets a parser built on another
+    # (parents=) define an option again when conflict_handler="resolve"; the parser
+    # below is built on that one, so that any other clash is still an error.
+    prefixed = argparse.ArgumentParser(parents=[caproto_parser], add_help=False,
+                                       conflict_handler="resolve")
+    prefixed.add_argument("--prefix", default=DEFAULT_PREFIX, metavar="PREFIX",
+                          help="prefix of every PV name, e.g. SARES11-SFBW: "
+                               f"(default: {DEFAULT_PREFIX})")
+    parser = argparse.ArgumentParser(parents=[prefixed], add_help=False,
+                                     description=DESCRIPTION, epilog=caproto_parser.epilog,
+                                     formatter_class=caproto_parser.formatter_class)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--stream", help="bsread source to connect to, tcp://host:port")
     source.add_argument("--simulate", action="store_true",

@@ -1,6 +1,6 @@
 """bsread codec: main header, data header, channel values (decode and encode).
 
-The wire format is described in ../shared/bsread/README.md. The package is pure (no
+The wire format is described in tests/bsread_reference/README.md. The package is pure (no
 sockets, no threads, no files) and depends on nothing else in sfbw_ioc, so that the
 receiver, the writer and the simulator share one definition of the format.
 

@@ -181,11 +181,22 @@ class Simulator:
 def main(argv: list[str] | None = None) -> int:
     """``sfbw-sim``: serve simulated bsread data until SIGTERM or SIGINT."""
     parser = argparse.ArgumentParser(prog="sfbw-sim", description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--rate", type=float, default=100.0, help="pulse rate in Hz")
-    parser.add_argument("--mode", choices=("push", "pub"), default="push")
-    parser.add_argument("--pulse-step", type=int, default=1, help="send every Nth pulse")
+    parser.add_argument("--port", type=int, required=True,
+                        help="TCP port the source binds; receivers connect to "
+                             "tcp://HOST:PORT")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address the source binds, '*' for every interface "
+                             "(default: 127.0.0.1)")
+    parser.add_argument("--rate", type=float, default=100.0,
+                        help="pulse rate in Hz: pulse ids count at this rate from "
+                             "2016-01-01 (default: 100)")
+    parser.add_argument("--mode", choices=("push", "pub"), default="push",
+                        help="ZeroMQ pattern: push (receivers use PULL, each message goes "
+                             "to one of them) or pub (receivers use SUB, each gets every "
+                             "message) (default: push)")
+    parser.add_argument("--pulse-step", type=int, default=1,
+                        help="send only every Nth pulse id, as a camera slower than the "
+                             "machine does (default: 1)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
