@@ -406,7 +406,8 @@ def test_watchdog_fires_once_when_the_heartbeat_stops():
 
 def test_the_self_check_reads_a_pv_as_a_new_client_would(iocs, tmp_path):
     source = BsreadSource()
-    ioc = iocs(["--stream", source.address, "--output-root", str(tmp_path / "out")])
+    # -v: client connections are logged (at DEBUG), so the probe's would be seen.
+    ioc = iocs(["--stream", source.address, "--output-root", str(tmp_path / "out"), "-v"])
     try:
         assert read_pv(("127.0.0.1", ioc.port), ioc.pv("STATE"), 5.0) is not None
         with pytest.raises(ProbeFailed):
