@@ -23,6 +23,7 @@ RANKS = {
     "bridges": 5, "group": 5, "commandline": 5,
     "service": 6, "bluesky": 6,
     "cli": 7,
+    "testing": 8,  # drives the whole package from outside; nothing of it imports testing
 }
 
 

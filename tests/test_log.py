@@ -8,7 +8,7 @@ import sys
 import epics
 import pytest
 
-from harness import EPICS_BIN, REPO, IocProcess, caput_binary, poll, unique_prefix
+from sfbw_ioc.testing.ioc import EPICS_BIN, REPO, IocProcess, caput_binary, poll, unique_prefix
 
 STOP_REASON = "STOP_PULSE_ID must be a whole number from 0 to 2**53, not -3.0"
 RATE_REASON = "Cannot write data 20.0. Limits are set to 0.0 and 10.0."

@@ -6,7 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from harness import BsreadSource, IocProcess, poll, unique_prefix
+from sfbw_ioc.testing.ioc import IocProcess, poll, unique_prefix
+from sfbw_ioc.testing.sources import BsreadSource
 from vectors import CASES, expected_value, load_case
 
 
