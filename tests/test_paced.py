@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import h5py
+import hdf5plugin  # noqa: F401  (registers the bitshuffle filter for reading images)
 import numpy as np
 import pytest
 

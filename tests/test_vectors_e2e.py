@@ -3,6 +3,7 @@ file holds exactly what the reference sender was asked to send."""
 from __future__ import annotations
 
 import h5py
+import hdf5plugin  # noqa: F401  (registers the bitshuffle filter for reading images)
 import numpy as np
 import pytest
 
