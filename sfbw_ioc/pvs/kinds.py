@@ -20,9 +20,9 @@ SLOW_CLIENT_BYTES = 2**20
 
 
 def subscription_backlog(update_bytes: int) -> int:
-    """The backlog of a PV whose updates are up to ``update_bytes``: SLOW_CLIENT_BYTES of
-    them, at least one; at most caproto's default, so that a small PV (a MESSAGE)
-    keeps every update for a client that logs them."""
+    """The backlog of a PV whose updates are up to ``update_bytes``: as many as fit in
+    SLOW_CLIENT_BYTES, at least one; at most caproto's default, so that a small PV (a
+    MESSAGE) keeps every update for a client that logs them."""
     return max(1, min(MAX_SUBSCRIPTION_BACKLOG, SLOW_CLIENT_BYTES // update_bytes))
 
 
@@ -45,6 +45,8 @@ class TextData(PvpropertyChar):
 
 def text_pv(doc: str, read_only: bool = False, max_length: int = PATH_LENGTH,
             value: str = "", **kwargs: Any) -> pvproperty:
+    # A long text (a channel list of up to 256 KiB) changes on a put or with the stream's
+    # channels, and is read whole: a few queued updates suffice.
     return pvproperty(value=value, dtype=ChannelType.CHAR if read_only else TextData,
                       max_length=max_length,
                       string_encoding="utf-8", record="waveform",
