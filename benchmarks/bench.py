@@ -32,10 +32,10 @@ from typing import Callable
 import numpy as np
 import zmq
 
-from common import MiB, CpuMeter, Ioc, ca_setup, machine_busy_seconds, poll
-from harness import BsreadSource, IncompressibleCamera, PacedSender, PreEncoded
-
+from common import MiB, CpuMeter, Ioc, ca_setup, machine_busy_seconds
 from sfbw_ioc.bsread import ChannelSpec, Encoder
+from sfbw_ioc.testing.ioc import poll
+from sfbw_ioc.testing.sources import BsreadSource, IncompressibleCamera, PacedSender, PreEncoded
 
 BASE_PULSE_ID = 20_000_000_000  # above 2**31, like SwissFEL's
 PERIOD_NS = 10_000_000

@@ -1,8 +1,10 @@
-"""What soak.py and bench.py share: the test harness on sys.path, the Channel Access
+"""What the benchmarks share: this checkout's package on sys.path, the Channel Access
 client environment, an IOC subprocess with PV helpers, and /proc figures of a process.
 
-The IOC is used only through its command line and its PVs (tests/harness.IocProcess);
-the harness's free_port, BsreadSource, poll and CA environment are reused, not copied.
+The IOC is used only through its command line and its PVs (sfbw_ioc.testing.ioc's
+IocProcess); the test harness (sfbw_ioc.testing) is reused, not copied. Import this
+module before sfbw_ioc: run as ``python benchmarks/X.py``, a benchmark would otherwise
+import whichever sfbw_ioc is installed.
 """
 from __future__ import annotations
 
@@ -12,12 +14,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-for _path in (REPO / "tests", REPO):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-from harness import (BsreadSource, IocProcess, ca_client_environment,  # noqa: E402,F401
-                     free_port, poll, unique_prefix)
+from sfbw_ioc.testing.ioc import (IocProcess, ca_client_environment, free_port,  # noqa: E402
+                                  poll, unique_prefix)
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 MiB = 2**20
@@ -78,7 +79,7 @@ class CpuMeter:
 # ---- the IOC --------------------------------------------------------------------------
 
 class Ioc:
-    """An sfbw-ioc subprocess (harness.IocProcess) plus pyepics helpers for its PVs."""
+    """An sfbw-ioc subprocess (sfbw_ioc.testing.ioc.IocProcess) plus pyepics helpers for its PVs."""
 
     def __init__(self, port: int, args: list[str], log_path: Path, tag: str = "BENCH") -> None:
         self.proc = IocProcess(port, unique_prefix(tag), args, log_path)
@@ -140,8 +141,6 @@ class Ioc:
         return cpu_seconds(self.pid)
 
     def log(self) -> str:
-        if self.proc._log.closed:  # after stop()
-            return self.proc.log_path.read_text(errors="replace")
         return self.proc.log()
 
     def stop(self) -> int:

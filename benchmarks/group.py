@@ -2,7 +2,7 @@
 
 For each member count (default 3 and 10): that many bsread sources with common pulse ids
 at 100 Hz, one sfbw-ioc per source and the group IOC, all subprocesses on this machine
-(tests/harness.py), driven over Channel Access with pyepics. Each acquisition:
+(sfbw_ioc.testing), driven over Channel Access with pyepics. Each acquisition:
 START_NOW on the group, then the time until every member's STATE monitor shows WRITING;
 then STOP_PULSE_ID = a pulse 0.3 s ahead as a put with callback, and the time from the
 send of the pulse after the stop (the one that closes the files) to the callback (every
@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import common  # noqa: F401  (puts tests/ and the repository on sys.path)
-from common import BsreadSource, IocProcess, ca_setup, poll, unique_prefix
-from harness import CommonPulseStreams
+from common import ca_setup  # first: puts the repository on sys.path
 from sfbw_ioc.bsread import ChannelSpec
+from sfbw_ioc.testing.ioc import IocProcess, poll, unique_prefix
+from sfbw_ioc.testing.sources import BsreadSource, CommonPulseStreams
 
 CHANNELS = (ChannelSpec("B:F64", "float64", ()), ChannelSpec("B:WF", "float32", (16,)))
 FIRST_PULSE_ID = 30_000_000_000

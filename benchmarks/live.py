@@ -24,10 +24,10 @@ import numpy as np
 
 from bench import (BASE_PULSE_ID, ScenarioFailed, World, check_acquisition, detail, failed,
                    start_range, timestamp_ns, wait_done, warm_up)
-from common import CpuMeter, Ioc, ca_setup, poll
-from harness import PacedSender, PreEncoded
-
+from common import CpuMeter, Ioc, ca_setup
 from sfbw_ioc.bsread import ChannelSpec, Encoder
+from sfbw_ioc.testing.ioc import poll
+from sfbw_ioc.testing.sources import PacedSender, PreEncoded
 
 SLOTS = 8
 LIVE_HZ = 10.0  # the live view's maximum rate: the worst case

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import MiB, Ioc, ca_setup, poll
+from common import MiB, Ioc, ca_setup
+from sfbw_ioc.testing.ioc import poll
 
 RATE_HZ = 100
 CAMERA = "SIM:CAMERA"

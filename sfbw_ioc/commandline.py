@@ -7,7 +7,11 @@ import logging
 import os
 from pathlib import Path
 
+from caproto import Forbidden
+from caproto._data import CannotExceedLimits  # not re-exported by caproto
+
 from .output import ownership
+from .pvs.kinds import PutRejected
 
 log = logging.getLogger("sfbw_ioc")
 
@@ -70,10 +74,39 @@ def _mode(text: str, allowed: int) -> int:
                                          f"({error})") from None
 
 
+# caproto's server logs these at INFO for every client, also for each short-lived caget.
+_CONNECTION_LINES = ("Connected to new client", "Disconnected from client")
+# What caproto itself refuses before a putter sees the value.
+_CAPROTO_REFUSALS = (Forbidden, CannotExceedLimits)
+
+
 def configure_logging(quiet: bool) -> None:
+    """Our lines at INFO (WARNING with --quiet); of caproto's, the ones its ``split()``
+    chose, with client connections at DEBUG (shown with -v) and a refused put as one
+    line, not as a traceback."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("caproto").propagate = False  # split() gave it a handler already
+    logging.getLogger("caproto.ctx").addFilter(_connections_at_debug)
+    logging.getLogger("caproto.circ").addFilter(_refusals_in_one_line)
+
+
+def _connections_at_debug(record: logging.LogRecord) -> bool:
+    """A client's connect or disconnect as a DEBUG record: caproto's handlers at INFO
+    leave it out."""
+    if isinstance(record.msg, str) and record.msg.startswith(_CONNECTION_LINES):
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+    return True
+
+
+def _refusals_in_one_line(record: logging.LogRecord) -> bool:
+    """caproto logs every put that raised with its traceback. A refusal is no bug: a
+    PutRejected was logged by the putter that raised it, caproto's own refusals are
+    logged here in one line; any other exception keeps its traceback."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, _CAPROTO_REFUSALS):
+        log.warning("put refused: %s", error)
+    return not isinstance(error, (PutRejected, *_CAPROTO_REFUSALS))
 
 
 def prepare_output_root(output_root: Path) -> bool:

@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from harness import CA_PORT_POOL_SIZE, ca_client_environment, free_port
+from sfbw_ioc.testing.ioc import ca_client_environment, free_port
 
+CA_PORT_POOL_SIZE = 40  # IOCs one test process starts (each with its own port)
 _pool: list[int] = []
 
 

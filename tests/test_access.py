@@ -20,8 +20,8 @@ import pytest
 from caproto import AccessRights
 from caproto.sync import client as caproto_client
 
-from harness import EPICS_BIN, REPO, IocProcess, ca_client_environment, ioc_environment, \
-    poll, unique_prefix
+from sfbw_ioc.testing.ioc import (EPICS_BIN, REPO, IocProcess, ca_client_environment,
+                                  ioc_environment, poll, unique_prefix)
 from sfbw_ioc.pvs import access
 from sfbw_ioc.pvs.access import AccessConfigError, parse
 from sfbw_ioc.service.caprobe import PROBE_USER

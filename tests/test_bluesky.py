@@ -17,8 +17,9 @@ from bluesky import RunEngine  # noqa: E402
 from bluesky.plans import count  # noqa: E402
 from bluesky.utils import FailedStatus  # noqa: E402
 
-from harness import (REPO, BsreadSource, IocProcess, PacedSender, assert_rows,  # noqa: E402
-                     poll, unique_prefix)
+from sfbw_ioc.testing.ioc import REPO, IocProcess, poll, unique_prefix  # noqa: E402
+from sfbw_ioc.testing.sources import BsreadSource, PacedSender  # noqa: E402
+from sfbw_ioc.testing.files import assert_rows  # noqa: E402
 from sfbw_ioc.bridges.bluesky import AcquisitionFailed, AcquisitionLength, SfbwWriter  # noqa: E402
 
 _names = (f"run{n}" for n in itertools.count())

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from sfbw_ioc.bsread import ChannelSpec, HeaderCache, decode_columns, decode_uniform_columns, decode_values, encode_message, is_direct_chunk, parse_main_header
-from harness import BsreadSource, poll
+from sfbw_ioc.testing.ioc import poll
+from sfbw_ioc.testing.sources import BsreadSource
 from sfbw_ioc.stream.malformed import MalformedCounter
 from sfbw_ioc.stream.receiver import Receiver
 from sfbw_ioc.stream.message import RawMessage, stack_uniform

@@ -11,7 +11,7 @@ import epics
 import h5py
 import pytest
 
-from harness import REPO, IocProcess, poll, unique_prefix
+from sfbw_ioc.testing.ioc import REPO, IocProcess, poll, unique_prefix
 from sfbw_ioc.pvs import epicsdb
 from sfbw_ioc.pvs.ioc import ioc_class
 

@@ -24,15 +24,15 @@ import h5py
 import numpy as np
 import pytest
 
-from harness import (CHANNELS, REPO, BsreadSource, IocProcess, PacedSender, assert_rows,
-                     assert_value, caput_binary, free_port, ioc_environment, poll, timestamp_for,
-                     unique_prefix, value_for)
+from sfbw_ioc.testing.ioc import (REPO, IocProcess, caput_binary, free_port, ioc_environment,
+                                  poll, unique_prefix)
+from sfbw_ioc.testing.sources import CHANNELS, BsreadSource, PacedSender, timestamp_for, value_for
+from sfbw_ioc.testing.files import assert_rows, assert_value
 from sfbw_ioc.bsread import ChannelSpec, encode_message
 from sfbw_ioc.service.caprobe import ProbeFailed, read_pv
 from sfbw_ioc.stream.memory import TRIM_INTERVAL_S
 from sfbw_ioc.service.watchdog import Watchdog
 
-TESTS = Path(__file__).resolve().parent
 _bases = itertools.count(20_000_000_000, 1_000_000)
 
 ERROR = 4  # STATE index of ERROR
@@ -280,8 +280,8 @@ def test_unwritable_output_directory_is_refused_at_start(iocs, tmp_path):
 
 SENDER = r"""
 import sys, threading, zmq
-from harness import CHANNELS, timestamp_for, value_for
 from sfbw_ioc.bsread import encode_message
+from sfbw_ioc.testing.sources import CHANNELS, timestamp_for, value_for
 port, first, last = (int(arg) for arg in sys.argv[1:4])
 socket = zmq.Context.instance().socket(zmq.PUSH)
 socket.bind(f"tcp://127.0.0.1:{port}")
@@ -294,7 +294,7 @@ threading.Event().wait()  # stay connected until killed
 
 
 def _sender(port: int, first: int, last: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     # The port may still be held for a moment by a killed predecessor's kernel socket.
     return subprocess.Popen([sys.executable, "-c", SENDER, str(port), str(first), str(last)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -406,7 +406,8 @@ def test_watchdog_fires_once_when_the_heartbeat_stops():
 
 def test_the_self_check_reads_a_pv_as_a_new_client_would(iocs, tmp_path):
     source = BsreadSource()
-    ioc = iocs(["--stream", source.address, "--output-root", str(tmp_path / "out")])
+    # -v: client connections are logged (at DEBUG), so the probe's would be seen.
+    ioc = iocs(["--stream", source.address, "--output-root", str(tmp_path / "out"), "-v"])
     try:
         assert read_pv(("127.0.0.1", ioc.port), ioc.pv("STATE"), 5.0) is not None
         with pytest.raises(ProbeFailed):

@@ -42,8 +42,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from harness import CHANNELS, RECEIVE_WAYS, BsreadSource, poll, receive_way, timestamp_for, \
-    value_for
+from sfbw_ioc.testing.ioc import poll
+from sfbw_ioc.testing.sources import CHANNELS, BsreadSource, timestamp_for, value_for
+from receiving import RECEIVE_WAYS, receive_way
 from sfbw_ioc.bsread import BSREAD_TYPES, COMPRESSIONS, ENCODINGS, ChannelSpec, DataHeader, HeaderCache, MalformedMessage, check_structure, corrupt_chunks, decode_values, encode_message, parse_data_header, parse_main_header
 from sfbw_ioc.stream.malformed import MalformedCounter
 from sfbw_ioc.stream.receiver import Receiver

@@ -10,8 +10,9 @@ import h5py
 import numpy as np
 import pytest
 
-from harness import (BsreadSource, CommonPulseStreams, IocProcess, assert_rows, caput_binary,
-                     member_channels, poll, unique_prefix)
+from sfbw_ioc.testing.ioc import IocProcess, caput_binary, poll, unique_prefix
+from sfbw_ioc.testing.sources import BsreadSource, CommonPulseStreams, member_channels
+from sfbw_ioc.testing.files import assert_rows
 
 FIRST_PULSE_ID = 20_000_000_000  # above 2**31, as at SwissFEL
 

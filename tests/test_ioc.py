@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from caproto.sync import client as caproto_client
 
-from harness import (CHANNELS, EPICS_BIN, assert_rows, caput_binary, poll, streaming_ioc,
-                     timestamp_for, value_for)
+from sfbw_ioc.testing.ioc import EPICS_BIN, caput_binary, poll
+from sfbw_ioc.testing.sources import CHANNELS, streaming_ioc, timestamp_for, value_for
+from sfbw_ioc.testing.files import assert_rows
 from sfbw_ioc.bsread import ChannelSpec, encode_message
 
 _bases = itertools.count(10_000_000_000, 100_000)  # pulse ids above 2**31, rising per test

@@ -17,12 +17,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sfbw_ioc"
 RANKS = {
     "vocabulary": 0, "bsread": 0,
     "stream": 1, "output": 1,
-    "hdf5": 2, "commandline": 2,
+    "hdf5": 2,
     "acquisition": 3, "live": 3,
     "pvs": 4,
-    "bridges": 5, "group": 5,
+    "bridges": 5, "group": 5, "commandline": 5,
     "service": 6, "bluesky": 6,
     "cli": 7,
+    "testing": 8,  # drives the whole package from outside; nothing of it imports testing
 }
 
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from caproto.threading.client import Context
 
-from harness import (BsreadSource, IocProcess, PacedSender, PreEncoded, caput_binary, poll,
-                     timestamp_for,
-                     unique_prefix, value_for)
+from sfbw_ioc.testing.ioc import IocProcess, caput_binary, poll, unique_prefix
+from sfbw_ioc.testing.sources import (BsreadSource, PacedSender, PreEncoded, timestamp_for,
+                                      value_for)
 from sfbw_ioc.bsread import ChannelSpec, Encoder
 
 SCALAR = ChannelSpec("L:SCALAR", "float64", ())
@@ -34,7 +34,7 @@ FIRST_PULSE = 1_000
 
 
 def pulse_of(timestamp_s: float) -> int:
-    """The pulse id whose global timestamp is ``timestamp_s`` (harness.timestamp_for)."""
+    """The pulse id whose global timestamp is ``timestamp_s`` (sfbw_ioc.testing.sources.timestamp_for)."""
     return round((timestamp_s * 1e9 - timestamp_for(0)) / 1e7)
 
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from harness import REPO
+from sfbw_ioc.testing.ioc import REPO
 
 SCRIPT = textwrap.dedent("""
     import os, time
@@ -46,13 +46,12 @@ def test_freed_images_are_reused_and_trimmed_back_to_the_system():
 
 
 RESERVE_SCRIPT = textwrap.dedent("""
-    import os, sys, time
-    sys.path.insert(0, "tests")
-    from harness import poll
+    import os, time
     from sfbw_ioc.bsread import ChannelSpec, HeaderCache, encode_message, parse_main_header
     from sfbw_ioc.stream.memory import HeapTrimmer, tune_allocator
     from sfbw_ioc.stream.message import RawMessage
     from sfbw_ioc.stream.ring import RingBuffer
+    from sfbw_ioc.testing.ioc import poll
     import numpy as np
 
     def rss_mib():

@@ -13,9 +13,10 @@ import h5py
 import pytest
 import zmq
 
-from harness import (CHANNELS, BsreadSource, IncompressibleCamera, IocProcess, assert_rows,
-                     caput_binary, free_port, poll, streaming_ioc, timestamp_for, unique_prefix,
-                     value_for)
+from sfbw_ioc.testing.ioc import IocProcess, caput_binary, free_port, poll, unique_prefix
+from sfbw_ioc.testing.sources import (CHANNELS, BsreadSource, IncompressibleCamera, streaming_ioc,
+                                      timestamp_for, value_for)
+from sfbw_ioc.testing.files import assert_rows
 from sfbw_ioc.bsread import encode_message
 
 _bases = itertools.count(40_000_000_000, 100_000)

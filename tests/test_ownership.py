@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import (REPO, BsreadSource, IocProcess, assert_rows, caput_binary, poll,
-                     unique_prefix)
+from sfbw_ioc.testing.ioc import REPO, IocProcess, caput_binary, poll, unique_prefix
+from sfbw_ioc.testing.sources import BsreadSource
+from sfbw_ioc.testing.files import assert_rows
 from sfbw_ioc.output.ownership import MAX_ID, Owner, OwnershipError
 
 _bases = itertools.count(60_000_000_000, 100_000)

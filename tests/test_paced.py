@@ -10,11 +10,13 @@ import time
 from pathlib import Path
 
 import h5py
+import hdf5plugin  # noqa: F401  (registers the bitshuffle filter for reading images)
 import numpy as np
 import pytest
 
-from harness import (BsreadSource, IncompressibleCamera as Camera, IocProcess, PacedSender,
-                     PreEncoded, poll, timestamp_for, unique_prefix)
+from sfbw_ioc.testing.ioc import IocProcess, poll, unique_prefix
+from sfbw_ioc.testing.sources import (BsreadSource, IncompressibleCamera as Camera, PacedSender,
+                                      PreEncoded, timestamp_for)
 from sfbw_ioc.bsread import ChannelSpec, encode_message
 
 _bases = itertools.count(30_000_000_000, 100_000)

@@ -3,8 +3,9 @@ right, or counted as malformed, and the stream goes on; a message ends where Zer
 it, never by the lengths the layout leads to expect."""
 from __future__ import annotations
 
-from harness import BsreadSource, IocProcess, assert_rows, poll, timestamp_for, unique_prefix, \
-    value_for
+from sfbw_ioc.testing.ioc import IocProcess, poll, unique_prefix
+from sfbw_ioc.testing.sources import BsreadSource, timestamp_for, value_for
+from sfbw_ioc.testing.files import assert_rows
 from sfbw_ioc.bsread import ChannelSpec, encode_message
 
 STEADY = (

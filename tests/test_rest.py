@@ -17,8 +17,9 @@ from pathlib import Path
 import h5py
 import pytest
 
-from harness import (REPO, BsreadSource, IocProcess, assert_rows, free_port, ioc_environment,
-                     poll, timestamp_for, unique_prefix)
+from sfbw_ioc.testing.ioc import REPO, IocProcess, free_port, ioc_environment, poll, unique_prefix
+from sfbw_ioc.testing.sources import BsreadSource, timestamp_for
+from sfbw_ioc.testing.files import assert_rows
 
 PREDECESSOR_PARAMETERS = {"general/created": "today", "general/user": "p11057",
                           "general/process": "dia", "general/instrument": "jungfrau"}

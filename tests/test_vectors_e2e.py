@@ -3,10 +3,12 @@ file holds exactly what the reference sender was asked to send."""
 from __future__ import annotations
 
 import h5py
+import hdf5plugin  # noqa: F401  (registers the bitshuffle filter for reading images)
 import numpy as np
 import pytest
 
-from harness import BsreadSource, IocProcess, poll, unique_prefix
+from sfbw_ioc.testing.ioc import IocProcess, poll, unique_prefix
+from sfbw_ioc.testing.sources import BsreadSource
 from vectors import CASES, expected_value, load_case
 
 

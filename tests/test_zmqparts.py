@@ -7,7 +7,8 @@ import os
 import pytest
 import zmq
 
-from harness import RECEIVE_WAYS, free_port, receive_way
+from sfbw_ioc.testing.ioc import free_port
+from receiving import RECEIVE_WAYS, receive_way
 from sfbw_ioc.stream import zmqparts
 
 LIMIT = zmqparts.COPY_LIMIT

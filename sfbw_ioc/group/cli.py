@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("group IOC %s of %d members; master files go to %s", args.prefix,
              len(args.member), args.output_root)
     try:
-        run(ioc.pvdb, **run_options)
+        run(ioc.pvdb, startup_hook=ioc.startup, **run_options)
     except KeyboardInterrupt:
         pass
     log.info("group IOC stopped")

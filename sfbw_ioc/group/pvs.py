@@ -45,9 +45,9 @@ class SfbwGroupIOC(AcquisitionPVs):
 
     # ---- start-up: the client of the members, then status publishing -----------------
 
-    # On a PV of this class's own: STATE is the base class's, shared with the writers.
-    @MEMBERS.startup
-    async def MEMBERS(self, instance, async_lib) -> None:
+    async def startup(self, async_lib: Any) -> None:
+        """The group IOC's own start-up (caproto's ``startup_hook``): the client of the
+        members, then status publishing until the server stops."""
         client = Client()
         coordinator = Coordinator([], self._output_root, self._allow_partial,
                                   self._changed.set)
@@ -79,7 +79,9 @@ class SfbwGroupIOC(AcquisitionPVs):
 
     def _require_coordinator(self) -> Coordinator:
         if self.coordinator is None:
-            raise PutRejected("the group IOC is still starting")
+            reason = "the group IOC is still starting"
+            log.warning("put refused: %s", reason)
+            raise PutRejected(reason)
         return self.coordinator
 
     # ---- control hooks ---------------------------------------------------------------

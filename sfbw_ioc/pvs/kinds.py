@@ -4,12 +4,26 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from caproto import ChannelType, SubscriptionType
+from caproto import MAX_SUBSCRIPTION_BACKLOG, ChannelType, SubscriptionType
 from caproto.server import PVGroup, PvpropertyChar, PvpropertyData, pvproperty
 
 PATH_LENGTH = 1024
 # Pulse ids travel as float64 (Channel Access has no 64-bit integer): exact below 2**53.
 MAX_PULSE_ID = 2**53
+# For a client that reads a monitor slower than the PV changes, caproto queues the
+# updates, up to the PV's subscription backlog, and then drops the oldest. Its default
+# of 1000 updates is 4 GiB per slow client of a 4 MiB image (caproto warns at start
+# and cuts such backlogs by a rule of its own). A big PV is read for its newest value
+# (a frame, a waveform on a display, a channel list): about this much is queued per slow
+# client and PV, and such a client misses values in between, never the newest one.
+SLOW_CLIENT_BYTES = 2**20
+
+
+def subscription_backlog(update_bytes: int) -> int:
+    """The backlog of a PV whose updates are up to ``update_bytes``: as many as fit in
+    SLOW_CLIENT_BYTES, at least one; at most caproto's default, so that a small PV (a
+    MESSAGE) keeps every update for a client that logs them."""
+    return max(1, min(MAX_SUBSCRIPTION_BACKLOG, SLOW_CLIENT_BYTES // update_bytes))
 
 
 def pulse_id_pv(doc: str, read_only: bool = False, **kwargs: Any) -> pvproperty:
@@ -31,9 +45,12 @@ class TextData(PvpropertyChar):
 
 def text_pv(doc: str, read_only: bool = False, max_length: int = PATH_LENGTH,
             value: str = "", **kwargs: Any) -> pvproperty:
+    # A long text (a channel list of up to 256 KiB) changes on a put or with the stream's
+    # channels, and is read whole: a few queued updates suffice.
     return pvproperty(value=value, dtype=ChannelType.CHAR if read_only else TextData,
                       max_length=max_length,
                       string_encoding="utf-8", record="waveform",
+                      max_subscription_backlog=subscription_backlog(max_length),
                       read_only=read_only, doc=doc, **kwargs)
 
 

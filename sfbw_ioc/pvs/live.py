@@ -16,7 +16,7 @@ from caproto.server import PVGroup, pvproperty
 from ..live.sampler import (DEFAULT_IMAGE_MAX_PIXELS, MAX_VALUE_ELEMENTS, ChannelSample,
                             ImageSample, Sampler, Samples)
 from ..stream.ring import RingBuffer
-from .kinds import PutRejected, pulse_id_pv, text_pv
+from .kinds import PutRejected, pulse_id_pv, subscription_backlog, text_pv
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ async def checked_rate(value: float, report: Report) -> float:
     (0 would never sample, and caproto's control limits let it through)."""
     if not 0 < value <= MAX_RATE_HZ:
         reason = f"a live rate must be above 0 and at most {MAX_RATE_HZ:g} Hz, not {value:g}"
+        log.warning("put refused: %s", reason)
         await report(reason)
         raise PutRejected(reason)
     return float(value)
@@ -63,7 +64,9 @@ class LiveSlot(PVGroup):
 
     NAME = text_pv("Channel to show (empty: off)", max_length=NAME_LENGTH,
                     alarm_group="NAME")
+    # Up to 512 KiB of float64 an update, at LIVE_RATE: two queued for a slow client.
     VALUE = pvproperty(value=[0.0], dtype=float, max_length=MAX_VALUE_ELEMENTS,
+                       max_subscription_backlog=subscription_backlog(8 * MAX_VALUE_ELEMENTS),
                        record="waveform", read_only=True, alarm_group="VALUE",
                        doc="Value (a scalar: one element)")
     TEXT = text_pv("Value of a string channel", read_only=True, max_length=TEXT_LENGTH,
@@ -107,7 +110,10 @@ class LiveImage(PVGroup):
 
     NAME = text_pv("Camera channel to show (empty: off)", max_length=NAME_LENGTH,
                     alarm_group="NAME")
+    # Up to 4 MiB of float32 a frame: a slow client gets the newest frame, none queued
+    # behind it.
     ARRAY = pvproperty(value=[0.0], dtype=ChannelType.FLOAT, max_length=IMAGE_ARRAY_LENGTH,
+                       max_subscription_backlog=subscription_backlog(4 * IMAGE_ARRAY_LENGTH),
                        record="waveform", read_only=True, alarm_group="ARRAY",
                        doc="Image, row after row")
     WIDTH = pvproperty(value=0, dtype=int, record="longin", read_only=True,

@@ -1,5 +1,17 @@
 """A message as the ring holds it: the parts received, back to back in one bytes object,
-and what the receiver parsed of it."""
+and what the receiver parsed of it.
+
+Packing the parts (``RawMessage.pack``) and slicing them again (``frames``, ``part``) is
+deliberate, not work done twice. The receiver checks a message and sends it on part by
+part, as it came off the socket; the ring then keeps one object per message instead of
+one per part, because the parts' own overhead outweighs small values: measured with
+tracemalloc, 2.4 kB kept as parts against 1.0 kB packed for 20 scalars (42 parts), 106
+against 33 kB for 1000 scalars. The join costs one copy of the message (17 us of the
+receiver's ~270 us for a 1000-channel message; an image is copied here only). Reading back
+copies nothing: ``frames`` and ``part`` are memoryviews of the one object, and the
+writer's steady-stream path (``stack_uniform``) takes the values of many messages at
+once without cutting them into parts at all.
+"""
 from __future__ import annotations
 
 from array import array
@@ -17,9 +29,9 @@ class RawMessage:
     """One message as it came off the socket, plus what the receiver already parsed. An
     image that failed the receiver's check (``bsread.corrupt_chunks``) is stored absent.
 
-    The parts are kept back to back in one bytes object: a small message in 42 separate
-    bytes objects would cost the ring twice its size. The data-header part is not kept:
-    every message with that hash shares ``header``, the parsed one.
+    The parts are kept back to back in one bytes object (see the module's docstring).
+    The data-header part is not kept: every message with that hash shares ``header``,
+    the parsed one.
     """
 
     pulse_id: int
