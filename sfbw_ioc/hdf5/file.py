@@ -1,21 +1,10 @@
-"""HDF5 file writer: one file per pulse range, in the SwissFEL layout.
+"""One HDF5 file per pulse range, in the SwissFEL layout (``hdf5.layout`` describes it).
 
-A small open/append/flush/close interface (like areaDetector's NDFileHDF5) with the
-file format behind it::
-
-    /general/{created,user,process,instrument}   scalar UTF-8 strings
-    /general/channels                 the channel selection as given (empty: all)
-    /data/<channel>/data              one row per message; scalars as (N, 1)
-    /data/<channel>/data(1), ...      earlier definitions after a type or shape change
-    /data/<channel>/pulse_id          int64 (N,)
-    /data/<channel>/is_data_present   uint8 (N,)
-    /data/<channel>/timestamp         int64 (N,), ns since the epoch, 0 when absent
-
-Every channel has a row for every message (row-aligned), also where the message had no
-value for it. The file is written as ``<target>.partial`` and only appears under its
-final name once complete; an existing file is never overwritten.
+A small open/append/flush/close interface (like areaDetector's NDFileHDF5) with the file
+format behind it. Every channel has a row for every message (row-aligned), also where
+the message had no value for it. The file is written as ``<target>.partial`` and only
+appears under its final name once complete; an existing file is never overwritten.
 """
-from __future__ import annotations
 from __future__ import annotations
 
 import errno
