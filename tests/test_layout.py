@@ -20,7 +20,7 @@ RANKS = {
     "hdf5": 2, "commandline": 2,
     "acquisition": 3, "live": 3,
     "pvs": 4,
-    "bridges": 5, "group": 5,
+    "bridges": 5, "group": 5, "pva": 5,
     "service": 6, "bluesky": 6,
     "cli": 7,
 }

@@ -11,6 +11,7 @@ from typing import Sequence
 from caproto.server import run, template_arg_parser
 
 from ..commandline import configure_logging, prepare_output_root, prompt_monitors
+from ..pva.server import startup_hook
 from .member import file_name
 from .pvs import SfbwGroupIOC
 
@@ -30,6 +31,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, object]:
     parser.add_argument("--allow-partial", action="store_true",
                         help="start with the members that can start; the master notes "
                              "the absent ones (default: refuse the START)")
+    parser.add_argument("--no-pva", dest="pva", action="store_false",
+                        help="serve Channel Access only (default: PV Access too)")
     return parser, split
 
 
@@ -62,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("group IOC %s of %d members; master files go to %s", args.prefix,
              len(args.member), args.output_root)
     try:
-        run(ioc.pvdb, **run_options)
+        run(ioc.pvdb, **run_options,
+            startup_hook=startup_hook(ioc.pvdb) if args.pva else None)
     except KeyboardInterrupt:
         pass
     log.info("group IOC stopped")
