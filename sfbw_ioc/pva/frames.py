@@ -115,8 +115,11 @@ class LiveFrames:
         return served
 
     def on_samples(self, samples: Samples) -> None:
-        if samples.image is not None:
-            self._image.publish(samples.image)
-        if samples.channels is not None:
-            for slot, sample in zip(self._slots, samples.channels):
-                slot.publish(sample)
+        try:
+            if samples.image is not None:
+                self._image.publish(samples.image)
+            if samples.channels is not None:
+                for slot, sample in zip(self._slots, samples.channels):
+                    slot.publish(sample)
+        except Exception:  # a frame PVA cannot carry must not end the CA live view
+            log.exception("PV Access frames: publishing failed")
