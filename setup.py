@@ -23,6 +23,7 @@ setup(
         "lz4>=4.3",
         "bitshuffle>=0.5",
         "aiohttp>=3.9",
+        "p4p>=4.2",
     ],
     extras_require={
         "test": [

@@ -99,6 +99,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, object]:
                              "on this port (default: off)")
     parser.add_argument("--output-mode", choices=("pub", "push"), default="pub",
                         help="ZeroMQ pattern of --output-port (default: pub)")
+    parser.add_argument("--no-pva", dest="pva", action="store_false",
+                        help="serve Channel Access only; by default every PV is served "
+                             "over PV Access too (EPICS_PVAS_* set its interface and port)")
     parser.add_argument("--write-db", type=Path, metavar="FILE",
                         help="write the PV list as an EPICS database file and exit")
     return parser, split

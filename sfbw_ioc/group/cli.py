@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 from caproto.server import run, template_arg_parser
 
 from ..commandline import configure_logging, prepare_output_root, prompt_monitors
+from ..pva.server import startup_hook
 from .member import file_name
 from .pvs import SfbwGroupIOC
 
@@ -30,6 +32,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, object]:
     parser.add_argument("--allow-partial", action="store_true",
                         help="start with the members that can start; the master notes "
                              "the absent ones (default: refuse the START)")
+    parser.add_argument("--no-pva", dest="pva", action="store_false",
+                        help="serve Channel Access only (default: PV Access too)")
     return parser, split
 
 
@@ -62,11 +66,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("group IOC %s of %d members; master files go to %s", args.prefix,
              len(args.member), args.output_root)
     try:
-        run(ioc.pvdb, startup_hook=ioc.startup, **run_options)
+        run(ioc.pvdb, startup_hook=_startup(ioc, args.pva), **run_options)
     except KeyboardInterrupt:
         pass
     log.info("group IOC stopped")
     return 0
+
+
+def _startup(ioc: SfbwGroupIOC, pva: bool) -> Callable[[Any], Awaitable[None]]:
+    """The group IOC's own start-up, and (unless --no-pva) its PVs over PV Access, for
+    as long as the CA server runs."""
+    hooks = [ioc.startup] + ([startup_hook(ioc.pvdb)] if pva else [])
+
+    async def startup(async_lib: Any) -> None:
+        await asyncio.gather(*(hook(async_lib) for hook in hooks))
+    return startup
 
 
 def _interrupt(signum, frame) -> None:

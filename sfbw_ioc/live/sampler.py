@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..bsread import NS_PER_SECOND, ChannelSpec, MalformedMessage, decode_value
+from ..bsread import NS_PER_SECOND, Buffer, ChannelSpec, MalformedMessage, decode_value
 from ..stream.message import RawMessage
 from ..stream.ring import RingBuffer
 
@@ -44,6 +44,10 @@ class ChannelSample:
     present: bool = False
     value: np.ndarray | None = None  # float64, 1-D, at most MAX_VALUE_ELEMENTS
     text: str | None = None  # for a string channel
+    # The value as sent (own type and shape, native byte order) and, when it came
+    # bitshuffle_lz4-compressed, its chunk as it sits in the ring: for PV Access.
+    full: np.ndarray | None = None
+    packed: Buffer | None = None
     pulse_id: int = 0
     timestamp_s: float = 0.0  # the channel's own, 0 when absent
     stamp: Stamp = (0, 0)  # the message's global timestamp
@@ -61,6 +65,8 @@ class ImageSample:
     binning: int = 1
     pulse_id: int = 0
     stamp: Stamp = (0, 0)
+    full: np.ndarray | None = None  # as ChannelSample's: the frame unbinned, own type
+    packed: Buffer | None = None
 
 
 def _stamp(unix_ns: int) -> Stamp:
@@ -77,6 +83,16 @@ def _channel_index(message: RawMessage, name: str) -> int | None:
 
 def _value_parts(message: RawMessage, index: int):
     return message.part(2 + 2 * index), message.part(3 + 2 * index)
+
+
+def _as_sent(spec: ChannelSpec, value: np.ndarray, part: Buffer
+             ) -> tuple[np.ndarray, Buffer | None]:
+    """The value in native byte order, and its compressed chunk when it has one that a
+    client can decompress as it is (bitshuffle_lz4 of little-endian numbers)."""
+    native = value.astype(value.dtype.newbyteorder("="), copy=False)
+    packed = part if spec.compression == "bitshuffle_lz4" and spec.encoding == "little" \
+        else None
+    return native, packed
 
 
 def sample_channel(message: RawMessage, name: str) -> ChannelSample:
@@ -97,8 +113,10 @@ def sample_channel(message: RawMessage, name: str) -> ChannelSample:
     if isinstance(decoded.value, str):
         return ChannelSample(name, present=True, text=decoded.value,
                              timestamp_s=timestamp_s, **common)
-    flat = np.asarray(decoded.value, dtype=np.float64).reshape(-1)[:MAX_VALUE_ELEMENTS]
-    return ChannelSample(name, present=True, value=flat, timestamp_s=timestamp_s, **common)
+    full, packed = _as_sent(spec, np.asarray(decoded.value), message.part(2 + 2 * index))
+    flat = full.reshape(-1)[:MAX_VALUE_ELEMENTS].astype(np.float64)
+    return ChannelSample(name, present=True, value=flat, timestamp_s=timestamp_s,
+                         full=full, packed=packed, **common)
 
 
 def binning_factor(height: int, width: int, max_pixels: int) -> int:
@@ -158,9 +176,10 @@ def sample_image(ring: RingBuffer, name: str, max_pixels: int) -> ImageSample | 
         return ImageSample(name, problem=f"pulse {message.pulse_id}: {error}")
     factor = binning_factor(*image.shape, max_pixels)
     array = binned(image, factor)
+    full, packed = _as_sent(spec, image, message.part(2 + 2 * index))
     return ImageSample(name, array=array.reshape(-1), width=array.shape[1],
                        height=array.shape[0], binning=factor, pulse_id=message.pulse_id,
-                       stamp=_stamp(message.global_timestamp_ns))
+                       stamp=_stamp(message.global_timestamp_ns), full=full, packed=packed)
 
 
 # ---- the sampler thread ---------------------------------------------------------------

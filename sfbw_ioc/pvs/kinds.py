@@ -6,9 +6,11 @@ from typing import Any
 
 from caproto import MAX_SUBSCRIPTION_BACKLOG, ChannelType, SubscriptionType
 from caproto.server import PVGroup, PvpropertyChar, PvpropertyData, pvproperty
+from caproto.server.server import PvpropertyDouble, PvpropertyDoubleRO
 
 PATH_LENGTH = 1024
-# Pulse ids travel as float64 (Channel Access has no 64-bit integer): exact below 2**53.
+# Pulse ids travel as float64 over Channel Access (it has no 64-bit integer): exact below
+# 2**53. PV Access carries them as int64: a whole number put there is exact up to 2**63.
 MAX_PULSE_ID = 2**53
 # For a client that reads a monitor slower than the PV changes, caproto queues the
 # updates, up to the PV's subscription backlog, and then drops the oldest. Its default
@@ -26,9 +28,30 @@ def subscription_backlog(update_bytes: int) -> int:
     return max(1, min(MAX_SUBSCRIPTION_BACKLOG, SLOW_CLIENT_BYTES // update_bytes))
 
 
+MAX_INT64_PULSE_ID = 2**63
+
+
+class WholeNumber:
+    """Marks a float64 PV whose values are whole numbers (pulse ids, counters): the PV
+    Access server serves it as int64, exact where float64 is not."""
+
+
+class WholeNumberData(WholeNumber, PvpropertyDouble):
+    pass
+
+
+class WholeNumberDataRO(WholeNumber, PvpropertyDoubleRO):
+    pass
+
+
+def _whole_number_dtype(read_only: bool) -> type[PvpropertyDouble]:
+    return WholeNumberDataRO if read_only else WholeNumberData
+
+
 def pulse_id_pv(doc: str, read_only: bool = False, **kwargs: Any) -> pvproperty:
-    return pvproperty(value=0.0, dtype=float, precision=0, record="ai" if read_only else "ao",
-                      read_only=read_only, doc=doc, **kwargs)
+    return pvproperty(value=0.0, dtype=_whole_number_dtype(read_only), precision=0,
+                      record="ai" if read_only else "ao", read_only=read_only, doc=doc,
+                      **kwargs)
 
 
 class TextData(PvpropertyChar):
@@ -61,12 +84,18 @@ def command_pv(doc: str) -> pvproperty:
 
 def stat_pv(doc: str, units: str = "", precision: int = 0) -> pvproperty:
     # float64 rather than LONG: counters and byte sizes outgrow int32 on a 24/7 IOC.
-    return pvproperty(value=0.0, dtype=float, precision=precision, units=units, record="ai",
+    dtype = _whole_number_dtype(read_only=True) if precision == 0 else float
+    return pvproperty(value=0.0, dtype=dtype, precision=precision, units=units, record="ai",
                       read_only=True, alarm_group="stats", doc=doc)
 
 
-def pulse_id_error(value: float, name: str) -> str | None:
-    """Why ``value`` is not a pulse id (None when it is one)."""
+def pulse_id_error(value: float | int, name: str) -> str | None:
+    """Why ``value`` is not a pulse id (None when it is one): a float (Channel Access)
+    must be below 2**53, where it is exact; an int (PV Access's int64) below 2**63."""
+    if isinstance(value, int):
+        if not 0 <= value < MAX_INT64_PULSE_ID:
+            return f"{name} must be a whole number from 0 to 2**63, not {value}"
+        return None
     if not math.isfinite(value) or value < 0 or value >= MAX_PULSE_ID or value != int(value):
         return f"{name} must be a whole number from 0 to 2**53, not {float(value)}"
     return None

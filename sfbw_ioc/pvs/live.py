@@ -99,7 +99,7 @@ class LiveSlot(PVGroup):
             await self.VALUE.write(sample.value, timestamp=stamp)
         if sample.text is not None:
             await self.TEXT.write(_fit_utf8(sample.text, TEXT_LENGTH), timestamp=stamp)
-        await self.PULSE_ID.write(float(sample.pulse_id), timestamp=stamp)
+        await self.PULSE_ID.write(sample.pulse_id, timestamp=stamp)
         await self.TIMESTAMP.write(sample.timestamp_s, timestamp=stamp)
         await self.PRESENT.write("Present" if sample.present else "Absent", timestamp=stamp)
 
@@ -152,7 +152,7 @@ class LiveImage(PVGroup):
         await self.WIDTH.write(sample.width, timestamp=stamp)
         await self.HEIGHT.write(sample.height, timestamp=stamp)
         await self.BINNING.write(sample.binning, timestamp=stamp)
-        await self.PULSE_ID.write(float(sample.pulse_id), timestamp=stamp)
+        await self.PULSE_ID.write(sample.pulse_id, timestamp=stamp)
         await self.ARRAY.write(sample.array, timestamp=stamp)
 
 
@@ -177,10 +177,16 @@ class LiveView:
         self._report = report
         self._queue: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._listeners: list[Callable[[Samples], None]] = []
         self._sampler = Sampler(ring, len(self._slots), image_max_pixels, self._hand_over)
         for index, slot in enumerate(self._slots):
             slot.attach(self._sampler, index, report)
         image.attach(self._sampler, report)
+
+    def add_listener(self, listener: Callable[[Samples], None]) -> None:
+        """Call ``listener`` (in the loop) with every round after its PVs are written:
+        the PV Access server's frames come from the same samples."""
+        self._listeners.append(listener)
 
     async def set_rate(self, value: float) -> float:
         """LIVE_RATE's putter: the slots' sampling rate; PutRejected when out of range."""
@@ -211,3 +217,5 @@ class LiveView:
                 await slot.publish(sample)
         if samples.image is not None:
             await self._image.publish(samples.image)
+        for listener in self._listeners:
+            listener(samples)

@@ -18,6 +18,7 @@ from ..acquisition.controller import AcquisitionController
 from ..bridges.rest import RestApi
 from ..commandline import configure_logging, prepare_output_root, prompt_monitors
 from ..output import ownership
+from ..pva.ioc import serving_ioc
 from ..pvs import access
 from ..pvs.ca_server import Context
 from ..pvs.ioc import Backend, SfbwIOC, ioc_class
@@ -130,6 +131,8 @@ async def _serve(ioc: SfbwIOC, controller: AcquisitionController, args: argparse
                                 ioc.first_writer.STATE.pvname)
 
     async with contextlib.AsyncExitStack() as stack:
+        if args.pva:
+            await stack.enter_async_context(serving_ioc(ioc, ioc.live))
         if args.rest_port:
             rest = RestApi(ioc.first_writer, controller)
             try:

@@ -1,0 +1,125 @@
+"""NTNDArray PVs of the live view, from the sampler's rounds (decoded off the loop):
+
+    <prefix>IMAGE               the IMAGE:NAME camera's newest frame, in its own type and
+                                full size (IMAGE:ARRAY is its binned float32 for CA)
+    <prefix>IMAGE:COMPRESSED    the same frame as it sits in the ring: bitshuffle_lz4
+                                (codec.name "bslz4", as areaDetector's NDPluginCodec)
+    <prefix>LIVEn, LIVEn:COMPRESSED   the same for each live slot's value
+
+uniqueId is the pulse id modulo 2**31 (an int32); the exact pulse id is the NTAttribute
+``pulse_id``; dataTimeStamp and timeStamp are the message's global timestamp.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterable
+
+import numpy as np
+from p4p import Value
+from p4p.nt import NTNDArray
+from p4p.server.asyncio import SharedPV
+
+from ..live.sampler import ChannelSample, ImageSample, Samples, Stamp
+from .values import pva_stamp_from_epics
+
+log = logging.getLogger(__name__)
+
+CODEC = "bslz4"
+_UNIQUE_ID_MODULUS = 2**31
+_MINOR = 1
+# areaDetector's NDDataType_t, which NDPluginCodec puts in codec.parameters.
+_ND_DATA_TYPES = {"i1": 0, "u1": 1, "i2": 2, "u2": 3, "i4": 4, "u4": 5, "i8": 6, "u8": 7,
+                  "f4": 8, "f8": 9}
+_UNION_MEMBERS = {"b1": "booleanValue", "i1": "byteValue", "i2": "shortValue",
+                  "i4": "intValue", "i8": "longValue", "u1": "ubyteValue",
+                  "u2": "ushortValue", "u4": "uintValue", "u8": "ulongValue",
+                  "f4": "floatValue", "f8": "doubleValue"}
+_TYPE = NTNDArray.buildType()
+
+Sample = ChannelSample | ImageSample
+
+
+def _key(dtype: np.dtype) -> str:
+    return f"{dtype.kind}{dtype.itemsize}"
+
+
+def ndarray_value(sample: Sample, packed: bool) -> Value:
+    """``sample``'s value as an NTNDArray: decompressed, or (``packed``) as in the ring
+    where it is bitshuffle_lz4 there."""
+    full = sample.full
+    assert full is not None
+    shape = full.shape or (1,)
+    fields = {
+        "uniqueId": sample.pulse_id % _UNIQUE_ID_MODULUS,
+        "dataTimeStamp": pva_stamp_from_epics(sample.stamp),
+        "timeStamp": pva_stamp_from_epics(sample.stamp),
+        "alarm": {"severity": 0, "status": 0, "message": ""},
+        "dimension": [{"size": size, "offset": 0, "fullSize": size, "binning": 1,
+                       "reverse": False} for size in reversed(shape)],
+        "attribute": [{"name": "pulse_id", "value": sample.pulse_id,
+                       "descriptor": "bsread pulse id"},
+                      *([{"name": "ColorMode", "value": 0}] if full.ndim == 2 else [])],
+        "uncompressedSize": full.nbytes,
+    }
+    if packed and sample.packed is not None:
+        chunk = np.frombuffer(sample.packed, dtype=np.uint8)
+        fields.update(value=("ubyteValue", chunk), compressedSize=chunk.nbytes,
+                      codec={"name": CODEC, "parameters": _ND_DATA_TYPES.get(_key(full.dtype), 1)})
+    else:
+        fields.update(value=(_UNION_MEMBERS[_key(full.dtype)], full.reshape(-1)),
+                      compressedSize=full.nbytes, codec={"name": "", "parameters": 0})
+    return Value(_TYPE, fields)
+
+
+def _problem(problem: str) -> Value:
+    return Value(_TYPE, {"alarm": {"severity": _MINOR, "status": 0, "message": problem}})
+
+
+class FramePair:
+    """One value served twice: decompressed at ``name``, as in the ring at
+    ``name``:COMPRESSED. ``chosen`` is the channel its NAME PV names now."""
+
+    def __init__(self, name: str, chosen: Callable[[], str]) -> None:
+        self.name = name
+        self._chosen = chosen
+        empty = Value(_TYPE, {"codec": {"name": "", "parameters": 0}})
+        self.plain = SharedPV(initial=empty)
+        self.packed = SharedPV(initial=empty)
+
+    def served(self) -> dict[str, SharedPV]:
+        return {self.name: self.plain, f"{self.name}:COMPRESSED": self.packed}
+
+    def publish(self, sample: Sample | None) -> None:
+        # A sample of a channel no longer chosen (a NAME put since) is not shown.
+        if sample is None or sample.name != self._chosen().strip():
+            return
+        if sample.problem:
+            self.plain.post(_problem(sample.problem))
+            self.packed.post(_problem(sample.problem))
+        elif sample.full is not None:
+            self.plain.post(ndarray_value(sample, packed=False))
+            self.packed.post(ndarray_value(sample, packed=True))
+
+
+class LiveFrames:
+    """The NTNDArray PVs of the image and the slots, fed with each sampler round."""
+
+    def __init__(self, image: FramePair, slots: Iterable[FramePair]) -> None:
+        self._image = image
+        self._slots = list(slots)
+
+    def served(self) -> dict[str, SharedPV]:
+        served = self._image.served()
+        for slot in self._slots:
+            served.update(slot.served())
+        return served
+
+    def on_samples(self, samples: Samples) -> None:
+        try:
+            if samples.image is not None:
+                self._image.publish(samples.image)
+            if samples.channels is not None:
+                for slot, sample in zip(self._slots, samples.channels):
+                    slot.publish(sample)
+        except Exception:  # a frame PVA cannot carry must not end the CA live view
+            log.exception("PV Access frames: publishing failed")

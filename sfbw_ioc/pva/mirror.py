@@ -1,0 +1,81 @@
+"""One p4p ``SharedPV`` per caproto PV: it follows the PV's every update (a subscription
+to the ChannelData, as caproto's own CA server subscribes) and hands a put to the PV's
+``write``, which runs its putter: the same checks, refusals and completion as a CA put.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from caproto import AccessRights, ChannelData, ChannelFilter, SubscriptionType
+from caproto.server.common import SubscriptionSpec
+from p4p.server import ServerOperation
+from p4p.server.asyncio import SharedPV
+
+from .peers import Peers
+from .values import Shape
+
+log = logging.getLogger(__name__)
+
+_EVERY_CHANGE = SubscriptionType.DBE_VALUE | SubscriptionType.DBE_LOG | SubscriptionType.DBE_ALARM
+_NO_FILTER = ChannelFilter(ts=None, dbnd=None, arr=None, sync=None)
+# The DBR type the subscription asks caproto for: the alarm acknowledgement, which costs
+# no conversion of the value (the mirror reads the ChannelData itself); a value type
+# would have caproto convert every frame of IMAGE:ARRAY for nothing.
+_CHEAPEST_DBR = "STSACK_STRING"
+
+
+class MirroredPV:
+    """``channel`` over PV Access: ``shared`` is served under its names."""
+
+    def __init__(self, channel: ChannelData, peers: Peers) -> None:
+        self._channel = channel
+        self._peers = peers
+        self._shape = Shape(channel)
+        # A SharedPV must be made in the running loop (p4p's asyncio flavour).
+        self.shared = SharedPV(handler=self, initial=self._shape.value(channel))
+
+    @property
+    def name(self) -> str:
+        return self._channel.pvname
+
+    async def follow(self) -> None:
+        """Post every update of the caproto PV from now on."""
+        spec = SubscriptionSpec(db_entry=self._channel, data_type_name=_CHEAPEST_DBR,
+                                mask=_EVERY_CHANGE, channel_filter=_NO_FILTER)
+        await self._channel.subscribe(_Updates(self), spec, None)
+
+    def post_current(self) -> None:
+        self.shared.post(self._shape.value(self._channel))
+
+    # ---- the SharedPV handler ---------------------------------------------------------
+
+    async def put(self, pv: SharedPV, op: ServerOperation) -> None:
+        refusal = await self._refusal(op)
+        if refusal is not None:
+            log.warning("PVA put to %s refused: %s", self.name, refusal)
+            op.done(error=refusal)
+            return
+        try:
+            await self._channel.write(self._shape.put_value(self._channel, op.value()))
+        except Exception as error:  # every refusal, the putter's or caproto's: the reason
+            op.done(error=str(error) or type(error).__name__)
+        else:
+            op.done()
+
+    async def _refusal(self, op: ServerOperation) -> str | None:
+        rights = await self._peers.rights(self._channel, op.peer(), op.account())
+        if AccessRights.WRITE in rights:
+            return None
+        return (f"write access denied: {self.name} for {op.account() or 'anonymous'} "
+                f"at {op.peer()}")
+
+
+class _Updates:
+    """What caproto's ChannelData publishes to: a queue, for its CA server."""
+
+    def __init__(self, mirror: MirroredPV) -> None:
+        self._mirror = mirror
+
+    async def put(self, update: Any) -> None:
+        self._mirror.post_current()
