@@ -9,7 +9,7 @@ from pathlib import Path
 
 from p4p.client.thread import Context
 
-from harness import EPICS_BIN, IocProcess, free_port
+from sfbw_ioc.testing.ioc import EPICS_BIN, IocProcess, free_port
 
 TOOL_TIMEOUT_S = 5
 

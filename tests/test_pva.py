@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from p4p.client.thread import RemoteError
 
-from harness import CHANNELS, EPICS_BIN, BsreadSource, assert_value, poll, read_file, \
-    unique_prefix, value_for
+from sfbw_ioc.testing.files import assert_value, read_file
+from sfbw_ioc.testing.ioc import EPICS_BIN, poll, unique_prefix
+from sfbw_ioc.testing.sources import CHANNELS, BsreadSource, value_for
 from pva_clients import PvaPorts, pva_ioc, pva_tool
 from sfbw_ioc.bsread import encode_message
 from sfbw_ioc.pvs.epicsdb import pv_name

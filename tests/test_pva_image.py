@@ -13,7 +13,9 @@ import pytest
 
 from p4p.client.thread import Context
 
-from harness import BsreadSource, assert_rows, poll, read_file, unique_prefix, value_for
+from sfbw_ioc.testing.files import assert_rows, read_file
+from sfbw_ioc.testing.ioc import poll, unique_prefix
+from sfbw_ioc.testing.sources import BsreadSource, value_for
 from pva_clients import PvaPorts, pva_ioc
 from sfbw_ioc.bsread import ChannelSpec
 
