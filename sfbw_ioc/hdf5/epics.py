@@ -125,6 +125,7 @@ class EpicsRecording:
             timed += entry.history.after(entry.next_seq, int(pulse_times_ns[-1]))
             if timed:
                 _append(entry, timed, pulse_ids, pulse_times_ns)
+                entry.next_seq = max(entry.next_seq, timed[-1].seq + 1)
 
     def truncate(self, last_pulse_ns: int | None) -> None:
         """Drop the rows past a pulse time (None: all): the file's rows were cut."""

@@ -150,8 +150,10 @@ class OutputFile:
         """Current size of the file on disk (the .partial one until published)."""
         return os.stat(self._path).st_size
 
-    def append(self, pulse_id: int, values: Sequence[ChannelValue]) -> None:
-        """Add one message as one row of every channel known so far.
+    def append(self, pulse_id: int, values: Sequence[ChannelValue],
+               timestamp_ns: int | None = None) -> None:
+        """Add one message (with its global timestamp) as one row of every channel
+        known so far.
 
         A channel listed more than once in a message counts with its last entry."""
         self._require_usable()
@@ -159,7 +161,8 @@ class OutputFile:
         for value in latest.values():
             if value.value is not None:
                 _check_value(value)  # a wrong value fails here, before any change
-        self.append_columns([pulse_id], [_one_row(value) for value in latest.values()])
+        self.append_columns([pulse_id], [_one_row(value) for value in latest.values()],
+                            None if timestamp_ns is None else [timestamp_ns])
 
     def append_columns(self, pulse_ids: Sequence[int], columns: Sequence[Column],
                        timestamps_ns: Sequence[int] | None = None) -> None:
