@@ -102,6 +102,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, object]:
     parser.add_argument("--no-pva", dest="pva", action="store_false",
                         help="serve Channel Access only; by default every PV is served "
                              "over PV Access too (EPICS_PVAS_* set its interface and port)")
+    parser.add_argument("--record-pvs", type=Path, metavar="FILE",
+                        help="EPICS PVs recorded into every file under /epics: one PV name "
+                             "a line, optionally followed by an alias, # comments (each "
+                             "writer's RECORD_PVS changes its list)")
+    parser.add_argument("--swmr", action="store_true",
+                        help="write files readable while written (HDF5 SWMR): the default "
+                             "of each writer's SWMR PV")
     parser.add_argument("--write-db", type=Path, metavar="FILE",
                         help="write the PV list as an EPICS database file and exit")
     return parser, split

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sfbw_ioc"
 # of its own rank or below (a module of the same part: anything but a cycle).
 RANKS = {
     "vocabulary": 0, "bsread": 0,
-    "stream": 1, "output": 1,
+    "stream": 1, "output": 1, "recorder": 1,
     "hdf5": 2,
     "acquisition": 3, "live": 3,
     "pvs": 4,

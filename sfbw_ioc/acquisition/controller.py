@@ -28,6 +28,7 @@ from ..stream.malformed import MalformedCounter
 from ..stream.message import RawMessage, stack_uniform
 from ..stream.ring import RingBuffer, typical_step
 from ..hdf5.file import OutputFile
+from ..hdf5.options import OutputOptions
 from ..vocabulary import AcquisitionError, State, Status
 from .selection import ChannelSelection
 
@@ -94,6 +95,7 @@ class AcquisitionController:
         self._next_created: str | None = None
         self._starting = False  # a START is opening its file (without the lock)
         self._status = Status()
+        self.output_options = OutputOptions()  # of the next file: SWMR, the PVs recorded
         self._thread = threading.Thread(target=self._run, name="hdf5-writer", daemon=True)
 
     # ---- commands (any thread) -------------------------------------------------------
@@ -127,7 +129,7 @@ class AcquisitionController:
         try:
             target = self.resolve_output(output_file)
             owner = owner or self.owner
-            writer = _open_writer(target, general, created, owner)
+            writer = _open_writer(target, general, created, owner, self.output_options)
         finally:
             with self._lock:
                 self._starting = False
@@ -403,7 +405,8 @@ class AcquisitionController:
         columns, errors = _decode_run(run, acquisition.selection)
         for row, error in errors:
             self._malformed.report(error, pulse_ids[row])
-        acquisition.writer.append_columns(pulse_ids, columns)
+        acquisition.writer.append_columns(pulse_ids, columns,
+                                          [message.global_timestamp_ns for message in run])
         acquisition.timestamps.extend(message.global_timestamp_ns for message in run)
         if acquisition.first_pulse_id is None:
             acquisition.first_pulse_id = pulse_ids[0]
@@ -538,13 +541,13 @@ def count_missing(pulse_ids: np.ndarray, start: int | None, stop: int | None,
 
 
 def _open_writer(target: Path, general: Mapping[str, str], created: str | None,
-                 owner: Owner) -> OutputFile:
+                 owner: Owner, options: OutputOptions) -> OutputFile:
     try:
         owner.check()  # before anything is created
     except OwnershipError as error:
         raise AcquisitionError(str(error)) from error
     try:
-        return OutputFile(target, general, created=created, owner=owner)
+        return OutputFile(target, general, created=created, owner=owner, options=options)
     except OSError as error:
         raise AcquisitionError(f"cannot create {target}: {error.strerror or error}") from error
 

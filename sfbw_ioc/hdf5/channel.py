@@ -44,6 +44,8 @@ class ChannelDatasets:
 
     def __init__(self, name: str, data_group: h5py.Group, write_behind: WriteBehind) -> None:
         self.name = name
+        # '/' would nest groups; SwissFEL names use ':' only, so escaping is rare.
+        self._key = name.replace("/", "%2F")
         self._write_behind = write_behind
         self.definition: Definition | None = None
         self._data_group = data_group
@@ -54,6 +56,25 @@ class ChannelDatasets:
         self._retired = 0
         # Columns buffered since the last write, with the row each begins at.
         self._pending: list[tuple[int, Column]] = []
+
+    @property
+    def needs_objects(self) -> bool:
+        """The next write creates a group or dataset (SWMR must be off for it)."""
+        return self._group is None or (self.definition is not None and self._data is None)
+
+    def reattach(self, data_group: h5py.Group, write_behind: WriteBehind) -> None:
+        """Take the datasets from ``data_group``, of the same file opened anew."""
+        self._data_group, self._write_behind = data_group, write_behind
+        if self._group is None:
+            return
+        self._group = data_group[self._key]
+        self.row_datasets = {key: Rows(self._group[key]) for key in self.row_datasets}
+        if self._data is not None:
+            self._data = Rows(self._group["data"])
+
+    def pulse_id_dataset(self) -> h5py.Dataset:
+        assert self._group is not None
+        return self._group["pulse_id"]
 
     def redefine(self, definition: Definition, row: int) -> None:
         """Start a new ``data`` at ``row``; the old one (fully written) moves aside."""
@@ -126,8 +147,7 @@ class ChannelDatasets:
             self._write_data(rows)
 
     def _create_group(self, pulse_id: Rows) -> None:
-        # '/' would nest groups; SwissFEL names use ':' only, so escaping is rare.
-        self._group = self._data_group.create_group(self.name.replace("/", "%2F"))
+        self._group = self._data_group.create_group(self._key)
         self._group.attrs["name"] = self.name
         # Rows are aligned, so every channel's pulse_id is the same: one dataset, hard
         # linked into each group, written once per batch instead of once per channel.

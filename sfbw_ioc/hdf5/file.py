@@ -4,6 +4,18 @@ A small open/append/flush/close interface (like areaDetector's NDFileHDF5) with 
 format behind it. Every channel has a row for every message (row-aligned), also where
 the message had no value for it. The file is written as ``<target>.partial`` and only
 appears under its final name once complete; an existing file is never overwritten.
+``/epics`` holds the recorded PVs (``hdf5.epics``).
+
+SWMR (``OutputOptions.swmr``): readers may open the file with
+``h5py.File(path, "r", swmr=True)`` and see every row up to the last flush. SWMR starts
+at the first flush that has rows, once the datasets of the channels announced so far
+exist. HDF5 forbids new objects while it is on, so anything that needs one later (a new
+channel, a changed type or shape, a PV's first connection, a truncation, the completion
+at close) is done with SWMR off: the file is closed, reopened without SWMR, changed,
+flushed and SWMR starts again. Nothing waits or is dropped; readers' handles stay valid
+but show the new datasets only after reopening the file (a read during the change may
+fail: reopen then). A file whose writer died with SWMR on opens with ``swmr=True`` (or
+after ``h5clear -s``).
 """
 from __future__ import annotations
 
@@ -23,9 +35,11 @@ from ..bsread import ChannelValue, Column
 from ..output.ownership import IOC_OWNER, Owner
 from ..output.root import partial_path, publish, taken_by
 from .channel import ChannelDatasets
+from .epics import EpicsRecording
 from .general import now, write_general
 from .layout import BATCH_BYTES_LIMIT, Definition
-from .rows import row_dataset
+from .options import OutputOptions
+from .rows import Rows, row_dataset
 from .writeback import WriteBehind
 
 log = logging.getLogger(__name__)
@@ -77,7 +91,7 @@ class OutputFile:
 
     def __init__(self, target: Path, general: Mapping[str, str], *,
                  created: str | None = None, batch_rows: int = 256,
-                 owner: Owner = IOC_OWNER) -> None:
+                 owner: Owner = IOC_OWNER, options: OutputOptions = OutputOptions()) -> None:
         if batch_rows < 1:
             raise ValueError(f"batch_rows must be positive, not {batch_rows}")
         self.target = Path(target)
@@ -90,10 +104,14 @@ class OutputFile:
         self._batch_start = 0
         self._buffered_bytes = 0
         self._pulse_ids = array("q")
+        self._timestamps = array("q")  # the rows' global timestamps, ns
+        self._options = options
+        self._swmr_active = False
         self._channels: dict[str, ChannelDatasets] = {}
         self._failed = False
         self._path = self.partial
-        self._h5: h5py.File | None = _create_h5(self.partial, owner)
+        self._h5: h5py.File | None
+        self._h5, self._reopen_fd = _create_h5(self.partial, owner, options.swmr)
         self._fd = self._h5.id.get_vfd_handle()
         self._write_behind = WriteBehind(self._h5.id, self._fd)
         self._file_id = _file_identity(os.fstat(self._fd))
@@ -103,10 +121,13 @@ class OutputFile:
                 self._data_group = self._h5.create_group("data")
                 # Anonymous until the first channel's group links it as its pulse_id.
                 self._pulse_id = row_dataset(self._h5, None, np.int64)
+                self._epics = EpicsRecording(self._h5, options.epics) if options.epics else None
         except Exception:
             self._close_h5()
+            self._forget_active()
             self.partial.unlink(missing_ok=True)
             raise
+        options.active.set(str(self.partial), False)
         log.debug("writing %s", self.partial)
 
     @property
@@ -119,8 +140,10 @@ class OutputFile:
         """Current size of the file on disk (the .partial one until published)."""
         return os.stat(self._path).st_size
 
-    def append(self, pulse_id: int, values: Sequence[ChannelValue]) -> None:
-        """Add one message as one row of every channel known so far.
+    def append(self, pulse_id: int, values: Sequence[ChannelValue],
+               timestamp_ns: int | None = None) -> None:
+        """Add one message (with its global timestamp) as one row of every channel
+        known so far.
 
         A channel listed more than once in a message counts with its last entry."""
         self._require_usable()
@@ -128,10 +151,13 @@ class OutputFile:
         for value in latest.values():
             if value.value is not None:
                 _check_value(value)  # a wrong value fails here, before any change
-        self.append_columns([pulse_id], [_one_row(value) for value in latest.values()])
+        self.append_columns([pulse_id], [_one_row(value) for value in latest.values()],
+                            None if timestamp_ns is None else [timestamp_ns])
 
-    def append_columns(self, pulse_ids: Sequence[int], columns: Sequence[Column]) -> None:
-        """Add ``len(pulse_ids)`` messages at once, given channel by channel.
+    def append_columns(self, pulse_ids: Sequence[int], columns: Sequence[Column],
+                       timestamps_ns: Sequence[int] | None = None) -> None:
+        """Add ``len(pulse_ids)`` messages at once, given channel by channel, with their
+        global timestamps (which place the recorded PVs' updates on the pulse ids).
 
         Every column has one entry per message; a column's spec is trusted for the
         rows where it is present (all share one data header)."""
@@ -139,7 +165,10 @@ class OutputFile:
         n = len(pulse_ids)
         if any(len(column.present) != n for column in columns):
             raise ValueError(f"every column needs {n} rows")
+        if timestamps_ns is not None and len(timestamps_ns) != n:
+            raise ValueError(f"{n} pulse ids but {len(timestamps_ns)} timestamps")
         self._pulse_ids.extend(pulse_ids)  # OverflowError beyond int64, before any change
+        self._timestamps.extend(timestamps_ns if timestamps_ns is not None else [0] * n)
         row = self._rows
         with self._hdf5_errors("write"):
             present = [(column, Definition.of_spec(column.spec))
@@ -149,10 +178,11 @@ class OutputFile:
             changed = [(self._channels[column.spec.name], definition)
                        for column, definition in present
                        if self._channels[column.spec.name].definition not in (None, definition)]
-            if changed:
-                self._write_batch()  # the rows before belong to the old definitions
-            for channel, definition in changed:
-                channel.redefine(definition, row)
+            with self._structure(bool(changed)):
+                if changed:
+                    self._write_batch()  # the rows before belong to the old definitions
+                for channel, definition in changed:
+                    channel.redefine(definition, row)
             for column, definition in present:
                 channel = self._channels[column.spec.name]
                 if channel.definition is None:
@@ -176,12 +206,15 @@ class OutputFile:
         self._require_usable()
         if rows >= self._rows:
             return
-        with self._hdf5_errors("truncate"):
+        with self._hdf5_errors("truncate"), self._structure(True):
             self._write_batch()
             for channel in self._channels.values():
                 channel.truncate(rows)
             self._pulse_id.resize(rows)
+            if self._epics is not None:
+                self._epics.truncate(self._timestamps[rows - 1] if rows else None)
         del self._pulse_ids[rows:]
+        del self._timestamps[rows:]
         self._rows = self._batch_start = rows
 
     def flush(self) -> None:
@@ -190,8 +223,20 @@ class OutputFile:
         assert self._h5 is not None
         with self._hdf5_errors("flush"):
             self._write_batch()
+            self._write_epics()
             self._h5.flush()
             self._write_behind.cycle()
+            if self._options.swmr and not self._swmr_active and self._rows and self._channels:
+                self._start_swmr()
+
+    @property
+    def swmr_active(self) -> bool:
+        """True while readers may open the file with SWMR."""
+        return self._swmr_active
+
+    def not_connected(self) -> list[str]:
+        """The recorded PVs not connected now."""
+        return self._epics.not_connected() if self._epics is not None else []
 
     def close(self) -> Path:
         """Complete the file and publish it under ``target``; never overwrites.
@@ -205,6 +250,8 @@ class OutputFile:
             # Never closed twice: a second close after a failed one crashes HDF5.
             h5, self._h5 = self._h5, None
             h5.close()
+        self._forget_active()
+        # A link, not a rename: a reader's handle on the .partial name stays valid.
         publish(self.partial, self.target)
         self._path = self.target
         log.info("wrote %d rows to %s", self._rows, self.target)
@@ -223,16 +270,76 @@ class OutputFile:
                     self._failed = True
             self._close_h5()
             log.warning("abandoned %s after %d rows", self.partial, self._rows)
+        self._forget_active()
         return self.partial
 
     def _complete(self) -> None:
         """Write everything; closing the file then has nothing left to write, which
         matters because a close that fails to write crashes HDF5 later (h5py#914)."""
         assert self._h5 is not None
-        self._write_batch()
-        for channel in self._channels.values():
-            channel.finish(self._rows)
+        with self._structure(True):
+            self._write_batch()
+            self._write_epics()
+            if self._epics is not None:
+                self._epics.finish()
+            for channel in self._channels.values():
+                channel.finish(self._rows)
+            self._h5.flush()
+        self._swmr_active = False  # closing next: SWMR is not started again
+
+    def _write_epics(self) -> None:
+        if self._epics is None or not self._rows:
+            return
+        with self._structure(self._epics.needs_objects()):
+            self._epics.write(self.pulse_ids, np.array(self._timestamps, dtype=np.int64))
+
+    @contextmanager
+    def _structure(self, needed: bool) -> Iterator[None]:
+        """Let the block create, move or delete objects: with SWMR on, the file is
+        reopened without it, and SWMR starts again after the block (see the module)."""
+        if not (needed and self._swmr_active):
+            yield
+            return
+        self._reopen_without_swmr()
+        yield
         self._h5.flush()
+        self._start_swmr()
+
+    def _start_swmr(self) -> None:
+        assert self._h5 is not None
+        self._h5.swmr_mode = True
+        self._swmr_active = True
+        self._options.active.set(str(self.partial), True)
+        log.debug("SWMR on for %s", self.partial)
+
+    def _reopen_without_swmr(self) -> None:
+        """Close the file and open it again, not SWMR, through the descriptor kept from
+        its creation (not its name: see ``_create_h5``); every dataset is taken anew."""
+        assert self._h5 is not None and self._reopen_fd is not None
+        self._options.active.set(str(self.partial), False)
+        self._h5.flush()
+        self._write_behind.cycle()
+        h5, self._h5 = self._h5, None
+        self._swmr_active = False
+        h5.close()
+        # Readers hold shared locks on the file: the writer's lock would fail on them.
+        self._h5 = h5py.File(f"/proc/self/fd/{self._reopen_fd}", "r+", libver="latest",
+                             locking=False)
+        self._fd = self._h5.id.get_vfd_handle()
+        self._file_id = _file_identity(os.fstat(self._fd))
+        self._write_behind = WriteBehind(self._h5.id, self._fd)
+        self._data_group = self._h5["data"]
+        for channel in self._channels.values():
+            channel.reattach(self._data_group, self._write_behind)
+        self._pulse_id = Rows(next(iter(self._channels.values())).pulse_id_dataset())
+        if self._epics is not None:
+            self._epics.reattach(self._h5)
+
+    def _forget_active(self) -> None:
+        self._options.active.set("", False)
+        if self._reopen_fd is not None:
+            os.close(self._reopen_fd)
+            self._reopen_fd = None
 
     def _channel(self, name: str) -> ChannelDatasets:
         channel = self._channels.get(name)
@@ -246,9 +353,10 @@ class OutputFile:
         start, end = self._batch_start, self._rows
         if end == start:
             return
-        self._pulse_id.write(start, np.array(self._pulse_ids[start:end], dtype=np.int64))
-        for channel in self._channels.values():
-            channel.write(start, end, self._pulse_id)
+        with self._structure(any(c.needs_objects for c in self._channels.values())):
+            self._pulse_id.write(start, np.array(self._pulse_ids[start:end], dtype=np.int64))
+            for channel in self._channels.values():
+                channel.write(start, end, self._pulse_id)
         self._batch_start = end
         self._buffered_bytes = 0
 
@@ -298,16 +406,21 @@ class OutputFile:
             raise
 
 
-def _create_h5(partial: Path, owner: Owner) -> h5py.File:
-    """The new, empty ``partial``, already its owner's, opened by HDF5.
+def _create_h5(partial: Path, owner: Owner, swmr: bool) -> tuple[h5py.File, int | None]:
+    """The new, empty ``partial``, already its owner's, opened by HDF5; for SWMR in the
+    latest file format, and with a descriptor kept for reopening it.
 
     HDF5 opens the inode ``owner`` made, through its descriptor, not the name: the
     directory may belong to the new owner by now, who could have put a link to another
     file there (HDF5's truncating open would follow it with the IOC's rights)."""
     fd = owner.create_file(partial)
+    kept = None
     try:
-        return h5py.File(f"/proc/self/fd/{fd}", "w")
+        kept = os.dup(fd) if swmr else None
+        return h5py.File(f"/proc/self/fd/{fd}", "w", libver="latest" if swmr else None), kept
     except BaseException:
+        if kept is not None:
+            os.close(kept)
         partial.unlink(missing_ok=True)
         raise
     finally:

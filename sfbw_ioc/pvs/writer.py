@@ -25,6 +25,7 @@ from ..output.root import taken_by
 from ..vocabulary import AcquisitionError, State, Status
 from .acquisition import AcquisitionPVs
 from .kinds import PutRejected, pulse_id_pv, stat_pv, text_pv, write_if_changed
+from .recording import RecordingPVs
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ CHANNELS_LENGTH = 65536
 _NUMBERS_TRIED = 100_000
 
 
-class WriterPVs(AcquisitionPVs):
+class WriterPVs(RecordingPVs, AcquisitionPVs):
     """One writer: a file at a time, from a start to a stop pulse id."""
 
     # ---- file naming (areaDetector's) and channel selection --------------------------

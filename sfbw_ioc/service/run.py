@@ -17,11 +17,14 @@ from caproto import AccessRights
 from ..acquisition.controller import AcquisitionController
 from ..bridges.rest import RestApi
 from ..commandline import configure_logging, prepare_output_root, prompt_monitors
+from ..hdf5.options import OutputOptions
 from ..output import ownership
 from ..pva.ioc import serving_ioc
 from ..pvs import access
 from ..pvs.ca_server import Context
 from ..pvs.ioc import Backend, SfbwIOC, ioc_class
+from ..recorder import names
+from ..recorder.monitor import Recorder
 from ..stream import memory
 from ..stream.forward import Forwarder
 from ..stream.malformed import MalformedCounter
@@ -99,6 +102,7 @@ def _start_data_path(args: argparse.Namespace, ioc_options: dict[str, Any],
     controllers = tuple(AcquisitionController(ring, malformed, args.output_root,
                                               args.pulse_rate, owner)
                         for _ in range(args.writers))
+    _record_pvs(args, controllers, stack)
     backend = Backend(ring, receiver, malformed, controllers, args.image_max_pixels, forwarder)
     ioc = ioc_class(args.writers)(backend=backend, **ioc_options)
     if access_config is not None:
@@ -109,6 +113,20 @@ def _start_data_path(args: argparse.Namespace, ioc_options: dict[str, Any],
         controller.start_thread()
         stack.callback(controller.shutdown)
     return ioc, controllers
+
+
+def _record_pvs(args: argparse.Namespace, controllers: tuple[AcquisitionController, ...],
+                stack: contextlib.ExitStack) -> None:
+    """Monitor the --record-pvs list; every writer records it and has --swmr's default."""
+    try:
+        listed = names.parse_file(args.record_pvs.read_text()) if args.record_pvs else ()
+    except (OSError, names.PvListError) as error:
+        raise StartupFailed(f"cannot record the PVs of {args.record_pvs}: {error}") from error
+    recorder = Recorder()
+    stack.callback(recorder.stop)
+    recorded = recorder.watch(listed)
+    for controller in controllers:
+        controller.output_options = OutputOptions(args.swmr, recorded, recorder=recorder)
 
 
 def _forwarder(args: argparse.Namespace) -> Forwarder | None:

@@ -12,14 +12,16 @@ from ..bsread import ChannelSpec
 from .sources import CHANNELS, timestamp_for, value_for
 
 
-def read_file(path: Path) -> h5py.File:
-    return h5py.File(path, "r")
+def read_file(path: Path, swmr: bool = False) -> h5py.File:
+    return h5py.File(path, "r", swmr=swmr)
 
 
 def assert_rows(path: Path, pulse_ids: list[int], channels=CHANNELS,
-                absent: Callable[[str, int], bool] = lambda name, pulse_id: False) -> None:
-    """The file holds exactly ``pulse_ids``, in order, with every value bit-exact."""
-    with read_file(path) as f:
+                absent: Callable[[str, int], bool] = lambda name, pulse_id: False,
+                swmr: bool = False) -> None:
+    """The file holds exactly ``pulse_ids``, in order, with every value bit-exact
+    (``swmr``: opened as SWMR readers do, e.g. after its writer died)."""
+    with read_file(path, swmr) as f:
         for spec in channels:
             group = f["data"][spec.name]
             assert group["pulse_id"][:].tolist() == pulse_ids, spec.name
