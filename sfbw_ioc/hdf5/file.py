@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -37,46 +36,14 @@ from ..output.root import partial_path, publish, taken_by
 from .channel import ChannelDatasets
 from .epics import EpicsRecording
 from .general import now, write_general
+from .handle import create_h5, discard_pending_writes, file_identity, os_error
 from .layout import BATCH_BYTES_LIMIT, Definition
 from .options import OutputOptions
 from .rows import Rows, row_dataset
+from .values import check_value, column_bytes, one_row
 from .writeback import WriteBehind
 
 log = logging.getLogger(__name__)
-
-_ERRNO_IN_MESSAGE = re.compile(r"errno = (\d+)")
-
-
-def _check_value(value: ChannelValue) -> None:
-    """A present value must be what its spec says: the spec defines its column."""
-    definition = Definition.of_spec(value.spec)
-    name = value.spec.name
-    if definition.bsread_type == "string":
-        if not isinstance(value.value, str):
-            raise TypeError(f"string channel {name!r} carries a {type(value.value).__name__}")
-        return
-    if not isinstance(value.value, (np.ndarray, np.generic)):  # numpy scalars too
-        raise TypeError(f"channel {name!r} carries a {type(value.value).__name__}")
-    if value.value.shape != definition.shape:
-        raise ValueError(f"channel {name!r}: a value of shape {value.value.shape} for a "
-                         f"spec of shape {definition.shape}")
-
-
-def _column_bytes(column: Column) -> int:
-    if isinstance(column.values, np.ndarray):
-        return column.values.nbytes
-    return sum(len(value) for value in column.values if value is not None)
-
-
-def _one_row(value: ChannelValue) -> Column:
-    """A single message's value as a one-row column."""
-    present = value.value is not None
-    if value.spec.type == "string":
-        values: np.ndarray | list = [value.value or ""]
-    else:
-        values = np.asarray(value.value if present else 0)[np.newaxis]
-    return Column(value.spec, np.array([present]),
-                  np.array([value.timestamp_ns if present else 0], dtype=np.int64), values)
 
 class OutputFile:
     """Writes one HDF5 file, one row per appended message.
@@ -111,10 +78,10 @@ class OutputFile:
         self._failed = False
         self._path = self.partial
         self._h5: h5py.File | None
-        self._h5, self._reopen_fd = _create_h5(self.partial, owner, options.swmr)
+        self._h5, self._reopen_fd = create_h5(self.partial, owner, options.swmr)
         self._fd = self._h5.id.get_vfd_handle()
         self._write_behind = WriteBehind(self._h5.id, self._fd)
-        self._file_id = _file_identity(os.fstat(self._fd))
+        self._file_id = file_identity(os.fstat(self._fd))
         try:
             with self._hdf5_errors("creation"):
                 write_general(self._h5, general, created or now())
@@ -150,8 +117,8 @@ class OutputFile:
         latest = {value.spec.name: value for value in values}
         for value in latest.values():
             if value.value is not None:
-                _check_value(value)  # a wrong value fails here, before any change
-        self.append_columns([pulse_id], [_one_row(value) for value in latest.values()],
+                check_value(value)  # a wrong value fails here, before any change
+        self.append_columns([pulse_id], [one_row(value) for value in latest.values()],
                             None if timestamp_ns is None else [timestamp_ns])
 
     def append_columns(self, pulse_ids: Sequence[int], columns: Sequence[Column],
@@ -188,7 +155,7 @@ class OutputFile:
                 if channel.definition is None:
                     channel.definition = definition
                 channel.buffer(row, column)
-                self._buffered_bytes += _column_bytes(column)
+                self._buffered_bytes += column_bytes(column)
             self._rows += n
             if (self._rows - self._batch_start >= self._batch_rows
                     or self._buffered_bytes >= BATCH_BYTES_LIMIT):
@@ -314,7 +281,7 @@ class OutputFile:
 
     def _reopen_without_swmr(self) -> None:
         """Close the file and open it again, not SWMR, through the descriptor kept from
-        its creation (not its name: see ``_create_h5``); every dataset is taken anew."""
+        its creation (not its name: see ``handle.create_h5``); every dataset is taken anew."""
         assert self._h5 is not None and self._reopen_fd is not None
         self._options.active.set(str(self.partial), False)
         self._h5.flush()
@@ -326,7 +293,7 @@ class OutputFile:
         self._h5 = h5py.File(f"/proc/self/fd/{self._reopen_fd}", "r+", libver="latest",
                              locking=False)
         self._fd = self._h5.id.get_vfd_handle()
-        self._file_id = _file_identity(os.fstat(self._fd))
+        self._file_id = file_identity(os.fstat(self._fd))
         self._write_behind = WriteBehind(self._h5.id, self._fd)
         self._data_group = self._h5["data"]
         for channel in self._channels.values():
@@ -366,25 +333,12 @@ class OutputFile:
         that crashes the process later (h5py#914)."""
         assert self._h5 is not None
         if self._failed:
-            self._redirect_writes_to_memory()
+            discard_pending_writes(self._fd, self._file_id, self.partial)
         try:
             self._h5.close()
         except Exception:
             log.exception("cannot close %s", self.partial)
         self._h5 = None
-
-    def _redirect_writes_to_memory(self) -> None:
-        """Point HDF5's file descriptor at an anonymous in-memory file (Linux)."""
-        try:
-            if _file_identity(os.fstat(self._fd)) != self._file_id:
-                return  # not HDF5's descriptor of our file any more
-            scratch = os.memfd_create("sfbw-discard")
-            try:
-                os.dup2(scratch, self._fd)
-            finally:
-                os.close(scratch)
-        except Exception:  # abandon() must not raise
-            log.exception("cannot redirect the pending writes of %s", self.partial)
 
     def _require_usable(self) -> None:
         if self._h5 is None:
@@ -402,36 +356,5 @@ class OutputFile:
         except Exception as exc:
             self._failed = True
             if isinstance(exc, RuntimeError):
-                raise _os_error(f"HDF5 {action} failed: {exc}", self.partial) from exc
+                raise os_error(f"HDF5 {action} failed: {exc}", self.partial) from exc
             raise
-
-
-def _create_h5(partial: Path, owner: Owner, swmr: bool) -> tuple[h5py.File, int | None]:
-    """The new, empty ``partial``, already its owner's, opened by HDF5; for SWMR in the
-    latest file format, and with a descriptor kept for reopening it.
-
-    HDF5 opens the inode ``owner`` made, through its descriptor, not the name: the
-    directory may belong to the new owner by now, who could have put a link to another
-    file there (HDF5's truncating open would follow it with the IOC's rights)."""
-    fd = owner.create_file(partial)
-    kept = None
-    try:
-        kept = os.dup(fd) if swmr else None
-        return h5py.File(f"/proc/self/fd/{fd}", "w", libver="latest" if swmr else None), kept
-    except BaseException:
-        if kept is not None:
-            os.close(kept)
-        partial.unlink(missing_ok=True)
-        raise
-    finally:
-        os.close(fd)
-
-def _os_error(message: str, path: Path) -> OSError:
-    match = _ERRNO_IN_MESSAGE.search(message)
-    if match is None:
-        return OSError(errno.EIO, message, str(path))
-    return OSError(int(match.group(1)), message, str(path))
-
-
-def _file_identity(stat: os.stat_result) -> tuple[int, int]:
-    return stat.st_dev, stat.st_ino
