@@ -7,8 +7,9 @@ The data path reads down the folders:
                   re-publishing, the simulated source
     output/       where a file may go and who owns it: output root, .partial, ownership
     hdf5/         ring messages -> HDF5 file in the SwissFEL layout
-    acquisition/  which messages go into which file: the controller and its thread,
-                  channel selection, file naming
+    acquisition/  which messages go into which file: the plan (the decisions, pure), the
+                  controller and its thread, its published status, channel selection,
+                  file naming
     live/         sampling the newest messages for the live view
     pvs/          the caproto IOC: stream PVs, the writers' SubGroups, live view, the
                   db generator, access security

@@ -204,8 +204,6 @@ class SfbwIOC(PVGroup):
         if backend.forwarder is not None:
             await write_if_changed(self.FORWARD_DROPPED, backend.forwarder.dropped)
         await self._publish_stream_channels()
-        for writer in self.writers:
-            await writer.publish_figures(writer.controller.status())
 
     async def _publish_stream_channels(self) -> None:
         newest = self.backend.ring.newest()
