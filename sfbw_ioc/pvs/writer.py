@@ -100,14 +100,9 @@ class WriterPVs(AcquisitionPVs):
 
     # ---- the controller's status, published -------------------------------------------
 
-    # The hook sits on a PV of this class's own: STATE is the base class's, shared with
-    # the group IOC, and a hook added to it here would be added there too.
-    @WRITTEN.startup
-    async def WRITTEN(self, instance, async_lib) -> None:
-        await self.publish_statuses(async_lib)
-
     async def publish_statuses(self, async_lib: Any) -> None:
-        """Publish every status of the controller, in order, for the IOC's life."""
+        """Publish every status of the controller, in order, for the IOC's life (the
+        IOC's start-up runs it)."""
         loop = asyncio.get_running_loop()
         queue = async_lib.ThreadsafeQueue()
 
