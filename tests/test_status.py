@@ -46,7 +46,7 @@ def ring() -> RingBuffer:
 
 @pytest.fixture
 def controller(ring, tmp_path):
-    controller = AcquisitionController(ring, MalformedCounter(), tmp_path)
+    controller = AcquisitionController(ring, MalformedCounter(), tmp_path, name="acquisition-7")
     controller.start_thread()
     yield controller
     controller.shutdown()
@@ -133,6 +133,10 @@ def test_a_waiter_that_gives_up_does_not_cancel_the_ticket(controller, ring):
     assert not ticket.closed.cancelled()
     closed = controller.abort().closed.result(TIMEOUT_S)
     assert closed.state is State.IDLE and "aborted" in closed.message
+
+
+def test_the_thread_is_named_for_the_acquisitions(controller):
+    assert "acquisition-7" in [thread.name for thread in threading.enumerate()]
 
 
 def test_a_listener_gets_the_current_status_first_then_each_version():

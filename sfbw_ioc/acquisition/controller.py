@@ -64,7 +64,8 @@ class AcquisitionController:
     """Owns the acquisition thread and at most one running acquisition."""
 
     def __init__(self, ring: RingBuffer, malformed: MalformedCounter, output_root: Path,
-                 pulse_rate: float = 100.0, owner: Owner = IOC_OWNER) -> None:
+                 pulse_rate: float = 100.0, owner: Owner = IOC_OWNER,
+                 name: str = "acquisition") -> None:
         self._ring = ring
         self._malformed = malformed
         self.output_root = Path(output_root).resolve()
@@ -78,7 +79,7 @@ class AcquisitionController:
         self._next_created: str | None = None
         self._starting = False  # a START is opening its file (without the lock)
         self._published = PublishedStatus()
-        self._thread = threading.Thread(target=self._run, name="hdf5-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     # ---- commands (any thread) -------------------------------------------------------
 

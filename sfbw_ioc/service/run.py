@@ -96,8 +96,8 @@ def _start_data_path(args: argparse.Namespace, ioc_options: dict[str, Any],
     receiver = Receiver(stream, ring, malformed, mode=mode, forward=forwarder)
     owner = ownership.Owner(file_mode=args.file_mode, dir_mode=args.dir_mode)
     controllers = tuple(AcquisitionController(ring, malformed, args.output_root,
-                                              args.pulse_rate, owner)
-                        for _ in range(args.writers))
+                                              args.pulse_rate, owner, name=f"acquisition-{n}")
+                        for n in range(1, args.writers + 1))
     backend = Backend(ring, receiver, malformed, controllers, args.image_max_pixels, forwarder)
     ioc = ioc_class(args.writers)(backend=backend, **ioc_options)
     if access_config is not None:
