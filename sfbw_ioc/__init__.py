@@ -9,8 +9,9 @@ The data path reads down the folders:
     recorder/     EPICS PVs recorded into the files: the list, a CA monitor on each, their
                   recent history
     hdf5/         ring messages -> HDF5 file in the SwissFEL layout
-    acquisition/  which messages go into which file: the controller and its thread,
-                  channel selection, file naming
+    acquisition/  which messages go into which file: the plan (the decisions, pure), the
+                  controller and its thread, its published status, channel selection,
+                  file naming
     live/         sampling the newest messages for the live view
     pvs/          the caproto IOC: stream PVs, the writers' SubGroups, live view, the
                   db generator, access security

@@ -236,6 +236,15 @@ def test_stop_now_before_a_start_in_the_future_is_refused():
         stop_pulse(None, 100, running)
 
 
+def test_stop_now_right_after_start_now_ends_at_the_start():
+    """The members' LAST_PULSE_ID (2 Hz) still shows the pulse before the start."""
+    running = [Monitored("A:", state="WRITING", last_pulse_id=99)]
+    assert stop_pulse(None, 100, running, started_now=True) == 100
+    assert stop_pulse(None, 100, [Monitored("A:", last_pulse_id=130)], started_now=True) == 130
+    with pytest.raises(GroupError, match="^stop 99 is before the start 100$"):
+        stop_pulse(99, 100, running, started_now=True)  # a stop asked for stays checked
+
+
 @pytest.mark.parametrize("running", [[], [Monitored("A:", state="WRITING")]])
 def test_stop_now_without_a_pulse_of_a_running_member_is_refused(running):
     with pytest.raises(GroupError, match="no member has received a message yet"):

@@ -356,8 +356,9 @@ def test_a_refusal_stays_in_message_when_a_later_command_succeeds(ioc):
 
 
 def test_written_never_goes_back_while_a_file_is_closed(ioc, source):
-    """The CLOSING status of the writer thread carries no figures of its own: published
-    as they were, WRITTEN fell to 0 for the close and came back (a monitor saw both)."""
+    """Every status carries the figures as they are: once the CLOSING status of the
+    acquisition thread had none, and WRITTEN fell to 0 for the close and came back (a
+    monitor saw both)."""
     seen: list[float] = []
     monitor = epics.PV(ioc.pv("W2:WRITTEN"), callback=lambda value, **_: seen.append(value))
     assert monitor.wait_for_connection(5)

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from ..acquisition.controller import AcquisitionController
 from ..pvs.kinds import MAX_PULSE_ID
-from ..vocabulary import Status
+from ..pvs.writer import WriterPVs
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,6 @@ _TEXT_PARAMETERS = {"general/user": "USER", "general/process": "PROCESS",
 _CREATED = "general/created"
 _OUTPUT_FILE = "output_file"
 REQUIRED_PARAMETERS = (_CREATED, *_TEXT_PARAMETERS)
-# How often a stop put is checked for having been taken by the controller: that is
-# one lock away once the put's executor call ran, so the wait is a step or two.
-_ACCEPT_POLL_S = 0.005
 
 
 class Refused(Exception):
@@ -48,10 +45,10 @@ class Refused(Exception):
 
 
 class RestApi:
-    """The REST API over one writer's PVs (``writer_pvs``: the PVGroup with OUTPUT_FILE,
-    USER, ..., STATE) and the controller behind them (status and general/created)."""
+    """The REST API over one writer's PVs and the controller behind them (status and
+    general/created)."""
 
-    def __init__(self, writer_pvs: Any, controller: AcquisitionController) -> None:
+    def __init__(self, writer_pvs: WriterPVs, controller: AcquisitionController) -> None:
         self._pvs = writer_pvs
         self._controller = controller
         self._runner: web.AppRunner | None = None
@@ -114,10 +111,7 @@ class RestApi:
         return web.Response()
 
     async def _stop_pulse_id(self, request: web.Request) -> web.Response:
-        pulse_id = _pulse_id(request)
-        before = self._controller.status().version
-        await self._put_until_taken("STOP_PULSE_ID", float(pulse_id), lambda status: (
-            status.version > before and status.stop_pulse_id == pulse_id))
+        await self._put_until_accepted("STOP_PULSE_ID", float(_pulse_id(request)))
         return web.Response()
 
     async def _start_now(self, request: web.Request) -> web.Response:
@@ -131,9 +125,7 @@ class RestApi:
         return web.Response()
 
     async def _stop_now(self, request: web.Request) -> web.Response:
-        before = self._controller.status().stop_time
-        await self._put_until_taken("STOP_NOW", "Do", lambda status: (
-            status.stop_time is not None and status.stop_time != before))
+        await self._put_until_accepted("STOP_NOW", "Do")
         return web.Response()
 
     async def _statistics(self, request: web.Request) -> web.Response:
@@ -185,18 +177,15 @@ class RestApi:
         except Exception as error:
             raise Refused(str(error) or type(error).__name__) from error
 
-    async def _put_until_taken(self, pv_name: str, value: Any,
-                               taken: Callable[[Status], bool]) -> None:
-        """Put, and answer once the put completed or ``taken(status)`` says the
-        controller accepted it; the put then completes when the file is closed."""
-        put = asyncio.ensure_future(self._put(pv_name, value))
-        while not put.done():
-            if taken(self._controller.status()):
-                self._pending_puts.add(put)
-                put.add_done_callback(self._put_completed)
-                return
-            await asyncio.wait({put}, timeout=_ACCEPT_POLL_S)
-        put.result()
+    async def _put_until_accepted(self, pv_name: str, value: Any) -> None:
+        """Put, and answer once the controller accepted the command (or refused it);
+        the put then completes when the file is closed."""
+        try:
+            put = await self._pvs.put_until_accepted(pv_name, value)
+        except Exception as error:
+            raise Refused(str(error) or type(error).__name__) from error
+        self._pending_puts.add(put)
+        put.add_done_callback(self._put_completed)
 
     def _put_completed(self, put: asyncio.Future) -> None:
         self._pending_puts.discard(put)

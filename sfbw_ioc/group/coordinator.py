@@ -51,6 +51,7 @@ class _Run:
     start_pulse_id: int
     members: list[_MemberRun]
     absent: list[MemberOutcome]
+    started_now: bool = False  # the start was the newest pulse + 1 (START_NOW)
     stop_pulse_id: int | None = None
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -118,7 +119,8 @@ class Coordinator:
         start = start_pulse(start_pulse_id, ready, self._pending_stop)
         runs, refused = await self._start_members(ready, stem, start, general)
         absent += refused
-        self._run = run = _Run(master, dict(general), start, runs, absent)
+        self._run = run = _Run(master, dict(general), start, runs, absent,
+                               started_now=start_pulse_id is None)
         self._spawn(self._finish(run))
         self._set(State.WAITING, started_message(len(runs), start, master, absent))
         if self._pending_stop is not None:
@@ -206,7 +208,7 @@ class Coordinator:
             self._set(message=message)
             return
         stop = stop_pulse(stop_pulse_id, run.start_pulse_id,
-                          [r.member for r in run.running()])
+                          [r.member for r in run.running()], run.started_now)
         run.stop_pulse_id = stop
         self._set(message=f"stopping at {stop}")
         await self._close_members(run, "STOP_PULSE_ID", float(stop))

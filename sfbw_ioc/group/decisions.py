@@ -137,10 +137,15 @@ def idle_stop(requested: int | None) -> str:
     return f"stop {requested} set for the next start"
 
 
-def stop_pulse(requested: int | None, start: int, running: Sequence[MemberSeen]) -> int:
+def stop_pulse(requested: int | None, start: int, running: Sequence[MemberSeen],
+               started_now: bool = False) -> int:
     """The pulse every running member stops after: the one asked for, or (None:
-    STOP_NOW) the newest any running member received. Refused when before the start."""
+    STOP_NOW) the newest any running member received. Refused when before the start,
+    except a STOP_NOW after a START_NOW: the members' LAST_PULSE_ID, published twice a
+    second, may not show the start (the newest + 1) yet, and the file then ends at it."""
     stop = newest_pulse_id(running) if requested is None else requested
+    if requested is None and started_now:
+        stop = max(stop, start)
     if stop < start:
         raise GroupError(f"stop {stop} is before the start {start}")
     return stop

@@ -125,17 +125,19 @@ class SfbwIOC(PVGroup):
 
     # ---- start-up --------------------------------------------------------------------
 
-    @OUTPUT_ROOT.startup
-    async def OUTPUT_ROOT(self, instance, async_lib) -> None:
+    async def startup(self, async_lib: Any) -> None:
+        """The IOC's own start-up (caproto's ``startup_hook``): each writer's statuses
+        published and the live view sampled for the IOC's life, the record fields and
+        the stream PVs filled in."""
+        await asyncio.gather(*(writer.publish_statuses(async_lib) for writer in self.writers),
+                             self._fill_in(), self.live.run(async_lib))
+
+    async def _fill_in(self) -> None:
         await fill_record_fields(self)
         await self.OUTPUT_ROOT.write(str(self.backend.controllers[0].output_root))
         receiver = self.backend.receiver
         await self.STREAM.write(receiver.address, verify_value=False)
         await self.STREAM_MODE.write(receiver.mode.upper(), verify_value=False)
-
-    @LIVE_RATE.startup
-    async def LIVE_RATE(self, instance, async_lib) -> None:
-        await self.live.run(async_lib)
 
     @LIVE_RATE.putter
     async def LIVE_RATE(self, instance, value: float) -> float:
@@ -204,8 +206,6 @@ class SfbwIOC(PVGroup):
         if backend.forwarder is not None:
             await write_if_changed(self.FORWARD_DROPPED, backend.forwarder.dropped)
         await self._publish_stream_channels()
-        for writer in self.writers:
-            await writer.publish_figures(writer.controller.status())
 
     async def _publish_stream_channels(self) -> None:
         newest = self.backend.ring.newest()

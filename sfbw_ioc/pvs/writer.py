@@ -2,13 +2,15 @@
 acquisition control, file naming, channel selection, state and figures.
 
 Every writer is the same caproto SubGroup; the IOC declares as many as ``--writers``.
-Commands run in an executor (opening a file touches the disk), status changes come back
-from the writer thread through a thread-safe queue.
+Commands run in an executor (opening a file touches the disk) and give back a ticket;
+every status the controller publishes comes through a thread-safe queue to one task,
+which writes the PVs in order. A put waits for the status of its ticket to be written,
+so that when its callback returns, every PV it changed reads its new value.
 """
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextvars
 import logging
 import typing
 from functools import partial
@@ -20,6 +22,7 @@ from caproto.server import pvproperty
 from ..acquisition import naming
 from ..acquisition.controller import AcquisitionController
 from ..acquisition.selection import ChannelSelection
+from ..acquisition.status import AcquisitionFailed, Ticket
 from ..output import ownership
 from ..output.root import taken_by
 from ..vocabulary import AcquisitionError, State, Status
@@ -32,6 +35,11 @@ log = logging.getLogger(__name__)
 CHANNELS_LENGTH = 65536
 # How far START looks for a file number whose file does not exist yet.
 _NUMBERS_TRIED = 100_000
+# Set for a put whose caller, in this process, wants to hear when its command is taken
+# (the REST API answers a stop then, not when the file is closed): caproto runs the
+# putter in the task that writes the PV, so this reaches the putter of that put only.
+_ACCEPTED: contextvars.ContextVar[asyncio.Future | None] = contextvars.ContextVar(
+    "sfbw_accepted", default=None)
 
 
 class WriterPVs(RecordingPVs, AcquisitionPVs):
@@ -71,7 +79,10 @@ class WriterPVs(RecordingPVs, AcquisitionPVs):
         self.controller: AcquisitionController | None = None
         self._start_guard: asyncio.Lock | None = None
         self._published_version = -1
+        self._published = asyncio.Condition()  # notified when a status was published
         self._published_message = ""
+        # START holds it while it starts a file, so that the file's close is published
+        # knowing whether the naming PVs named the file (FILE_NUMBER counts it then).
         self._publish_lock = asyncio.Lock()
         self._composed = False  # OUTPUT_FILE is the naming PVs' (not a direct put)
         self._running_composed = False  # ... and was so when the running file started
@@ -88,16 +99,15 @@ class WriterPVs(RecordingPVs, AcquisitionPVs):
         assert self.controller is not None, "attach() the writer first"
         return self.controller
 
-    # ---- start-up: status changes from the writer thread -----------------------------
+    # ---- the controller's status, published -------------------------------------------
 
-    # The hook sits on a PV of this class's own: STATE is the base class's, shared with
-    # the group IOC, and a hook added to it here would be added there too.
-    @WRITTEN.startup
-    async def WRITTEN(self, instance, async_lib) -> None:
+    async def publish_statuses(self, async_lib: Any) -> None:
+        """Publish every status of the controller, in order, for the IOC's life (the
+        IOC's start-up runs it)."""
         loop = asyncio.get_running_loop()
         queue = async_lib.ThreadsafeQueue()
 
-        def on_change(status: Status) -> None:
+        def hand_over(status: Status) -> None:
             # After the server stopped (SIGTERM), the file being closed must not fail
             # because nobody is left to publish its status.
             try:
@@ -105,37 +115,39 @@ class WriterPVs(RecordingPVs, AcquisitionPVs):
             except RuntimeError:  # the loop is closed
                 pass
 
-        self._control.set_on_change(on_change)
+        self._control.publish_to(hand_over)
         while True:
-            await self.publish_status(await queue.async_get())
+            status = await queue.async_get()
+            async with self._publish_lock:
+                await self._publish(status)
+            async with self._published:
+                self._published_version = status.version
+                self._published.notify_all()
 
-    async def publish_status(self, status: Status) -> None:
-        # Putters and the queue both publish; one at a time, and never an older status.
-        async with self._publish_lock:
-            if status.version < self._published_version:
-                return
-            self._published_version = status.version
+    async def _publish(self, status: Status) -> None:
+        # The controller hands the statuses over in order, and this is the one place
+        # that writes them: no older status is ever written over a newer one.
+        if self.STATE.value != status.state.name:
             error = status.state is State.ERROR
             await self.STATE.write(
                 status.state.name,
                 status=AlarmStatus.STATE if error else AlarmStatus.NO_ALARM,
                 severity=AlarmSeverity.MAJOR_ALARM if error else AlarmSeverity.NO_ALARM)
-            # Only a new message of the controller's: the reason of a refused put, written
-            # since, must not give way to an older one when another command succeeds.
-            if status.message != self._published_message:
-                self._published_message = status.message
-                await write_if_changed(self.MESSAGE, status.message)
-            await write_if_changed(self.LAST_FILE, status.last_file)
-            # The figures as they are now: a status handed over by the writer thread
-            # carries those of its moment (CLOSING's: none yet, so WRITTEN showed 0).
-            await self.publish_figures(self._control.status())
-            if status.last_file != self._counted_file:
-                self._counted_file = status.last_file
-                # Under the lock: a STOP's put-callback returns with the next name set.
-                if self._running_composed and self.AUTO_INCREMENT.value == "Yes":
-                    await self._set_number(self.FILE_NUMBER.value + 1)
+        # Only a new message of the controller's: the reason of a refused put, written
+        # since, must not give way to an older one when another command succeeds.
+        if status.message != self._published_message:
+            self._published_message = status.message
+            await write_if_changed(self.MESSAGE, status.message)
+        await write_if_changed(self.LAST_FILE, status.last_file)
+        await self._publish_figures(status)
+        if status.last_file != self._counted_file:
+            self._counted_file = status.last_file
+            # Here, before the status counts as published: a STOP's put-callback
+            # returns with the next name set.
+            if self._running_composed and self.AUTO_INCREMENT.value == "Yes":
+                await self._set_number(self.FILE_NUMBER.value + 1)
 
-    async def publish_figures(self, status: Status) -> None:
+    async def _publish_figures(self, status: Status) -> None:
         await write_if_changed(self.WRITTEN, status.written)
         await write_if_changed(self.MISSING, status.missing)
         await write_if_changed(self.LOST, status.lost)
@@ -144,6 +156,10 @@ class WriterPVs(RecordingPVs, AcquisitionPVs):
         await write_if_changed(self.FILE_FIRST_PULSE_ID, status.first_pulse_id or 0)
         await write_if_changed(self.FILE_LAST_PULSE_ID, status.last_pulse_id or 0)
 
+    async def _until_published(self, status: Status) -> None:
+        async with self._published:
+            await self._published.wait_for(lambda: self._published_version >= status.version)
+
     # ---- control hooks ---------------------------------------------------------------
 
     async def check_output_file(self, value: str) -> None:
@@ -151,10 +167,28 @@ class WriterPVs(RecordingPVs, AcquisitionPVs):
         self._composed = False
 
     async def stop(self, stop_pulse_id: int | None) -> None:
-        await self._until_closed(await self._command(self._control.stop, stop_pulse_id))
+        ticket = await self._command(self._control.stop, stop_pulse_id)
+        await self._accepted(ticket)
+        await self._until_closed(ticket)
 
     async def abort(self) -> None:
-        await self._until_closed(await self._command(self._control.abort))
+        ticket = await self._command(self._control.abort)
+        await self._accepted(ticket)
+        await self._until_closed(ticket)
+
+    async def put_until_accepted(self, pv_name: str, value: Any) -> asyncio.Task:
+        """Put ``value`` to the PV ``pv_name`` as a Channel Access client would, and
+        return once the command it carries was accepted, with the put left running (a
+        STOP's completes when the file is closed); a refusal raises here."""
+        loop = asyncio.get_running_loop()
+        accepted = loop.create_future()
+        context = contextvars.copy_context()
+        context.run(_ACCEPTED.set, accepted)
+        put = loop.create_task(getattr(self, pv_name).write(value), context=context)
+        await asyncio.wait((accepted, put), return_when=asyncio.FIRST_COMPLETED)
+        if not accepted.done():
+            put.result()  # refused, or completed without a command
+        return put
 
     @FILE_UID.putter
     async def FILE_UID(self, instance, value: int) -> int:
@@ -251,29 +285,38 @@ class WriterPVs(RecordingPVs, AcquisitionPVs):
             general = {"user": self.USER.value, "process": self.PROCESS.value,
                        "instrument": self.INSTRUMENT.value, "channels": self.CHANNELS.value}
             owner = self._control.owner.with_ids(self.FILE_UID.value, self.FILE_GID.value)
-            await self._command(self._control.start, start_pulse_id, self.OUTPUT_FILE.value,
-                                general, ChannelSelection.parse(self.CHANNELS.value), owner)
-            self._running_composed = composed
+            async with self._publish_lock:
+                ticket = await self._command(
+                    self._control.start, start_pulse_id, self.OUTPUT_FILE.value, general,
+                    ChannelSelection.parse(self.CHANNELS.value), owner)
+                self._running_composed = composed
+            await self._accepted(ticket)
 
     async def _command(self, function: Callable[..., Any], *args: Any) -> Any:
         """Run a controller command off the loop; a refusal fails the put with a reason."""
         loop = asyncio.get_running_loop()
         try:
-            result = await loop.run_in_executor(None, function, *args)
+            return await loop.run_in_executor(None, function, *args)
         except AcquisitionError as error:
             await self.reject(str(error))
-        # When the put completes, the state PVs already tell its outcome.
-        await self.publish_status(self._control.status())
-        return result
 
-    async def _until_closed(self, done: concurrent.futures.Future) -> None:
-        """Hold a put-with-callback until the file is on disk (a failure fails the put)."""
+    async def _accepted(self, ticket: Ticket) -> None:
+        """Return once the status that shows the command taken is published; tell the
+        caller of ``put_until_accepted``, if it is one."""
+        await self._until_published(await asyncio.wrap_future(ticket.accepted))
+        waiting = _ACCEPTED.get()
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
+
+    async def _until_closed(self, ticket: Ticket) -> None:
+        """Hold a put-with-callback until the file is on disk and its status published
+        (a failure fails the put)."""
         try:
-            await asyncio.wrap_future(done)
-        except AcquisitionError as error:
-            raise PutRejected(str(error)) from error
-        finally:
-            await self.publish_status(self._control.status())
+            status = await asyncio.wrap_future(ticket.closed)
+        except AcquisitionFailed as failure:
+            await self._until_published(failure.status)
+            raise PutRejected(str(failure)) from failure
+        await self._until_published(status)
 
     async def reject(self, reason: str) -> typing.NoReturn:
         log.warning("put refused: %s", reason)

@@ -100,8 +100,8 @@ def _start_data_path(args: argparse.Namespace, ioc_options: dict[str, Any],
     receiver = Receiver(stream, ring, malformed, mode=mode, forward=forwarder)
     owner = ownership.Owner(file_mode=args.file_mode, dir_mode=args.dir_mode)
     controllers = tuple(AcquisitionController(ring, malformed, args.output_root,
-                                              args.pulse_rate, owner)
-                        for _ in range(args.writers))
+                                              args.pulse_rate, owner, name=f"acquisition-{n}")
+                        for n in range(1, args.writers + 1))
     _record_pvs(args, controllers, stack)
     backend = Backend(ring, receiver, malformed, controllers, args.image_max_pixels, forwarder)
     ioc = ioc_class(args.writers)(backend=backend, **ioc_options)
@@ -142,11 +142,13 @@ async def _serve(ioc: SfbwIOC, controller: AcquisitionController, args: argparse
                  run_options: dict[str, Any], supervision: Supervision) -> None:
     server = Context(ioc.pvdb, run_options["interfaces"])  # in the loop it runs in
 
-    async def start_probe(async_lib) -> None:
+    async def startup(async_lib) -> None:
         """The server listens now: its port is known (caproto takes another when the
-        configured one is in use)."""
-        supervision.start_probe(probe_address(next(iter(server.tcp_sockets)), server.port),
-                                ioc.first_writer.STATE.pvname)
+        configured one is in use), so the watchdog's probe can start."""
+        if supervision.watchdog is not None:
+            supervision.start_probe(probe_address(next(iter(server.tcp_sockets)), server.port),
+                                    ioc.first_writer.STATE.pvname)
+        await ioc.startup(async_lib)
 
     async with contextlib.AsyncExitStack() as stack:
         if args.pva:
@@ -159,8 +161,7 @@ async def _serve(ioc: SfbwIOC, controller: AcquisitionController, args: argparse
                 raise StartupFailed(f"cannot serve the REST API on {args.rest_host}:"
                                     f"{args.rest_port}: {error}") from error
             stack.push_async_callback(rest.stop)
-        await server.run(log_pv_names=run_options["log_pv_names"],
-                         startup_hook=start_probe if supervision.watchdog else None)
+        await server.run(log_pv_names=run_options["log_pv_names"], startup_hook=startup)
 
 
 class Supervision:
