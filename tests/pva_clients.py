@@ -20,11 +20,14 @@ class PvaPorts:
     def __init__(self) -> None:
         self.port = free_port(udp_too=True)
 
+    def server_environment(self) -> dict[str, str]:
+        return {"EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
+                "EPICS_PVAS_SERVER_PORT": str(self.port),
+                "EPICS_PVAS_BROADCAST_PORT": str(self.port)}
+
     def server_wrapper(self) -> list[str]:
         """``IocProcess(wrapper=...)``: the IOC started with its PVA variables."""
-        return ["env", "EPICS_PVAS_INTF_ADDR_LIST=127.0.0.1",
-                f"EPICS_PVAS_SERVER_PORT={self.port}",
-                f"EPICS_PVAS_BROADCAST_PORT={self.port}"]
+        return ["env", *(f"{name}={value}" for name, value in self.server_environment().items())]
 
     def client_environment(self) -> dict[str, str]:
         return {"EPICS_PVA_ADDR_LIST": f"127.0.0.1:{self.port}",
