@@ -27,7 +27,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import zmq
@@ -150,7 +150,8 @@ class World:
     def out(self) -> Path:
         return self.tmp / "out"
 
-    def start_ioc(self, ioc_args: list[str], stream: str | None = None) -> Ioc:
+    def start_ioc(self, ioc_args: list[str], stream: str | None = None,
+                  wrapper: Iterable[str] = ()) -> Ioc:
         if stream is None:
             self.source = BsreadSource()
             stream = self.source.address
@@ -159,7 +160,8 @@ class World:
                 zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         args = ["--stream", stream, "--output-root", str(self.out), *ioc_args]
         detail(f"IOC: sfbw-ioc {' '.join(args)}")
-        self.ioc = Ioc(self.ports.pop(0), args, self.tmp / "ioc.log", tag="BENCH")
+        self.ioc = Ioc(self.ports.pop(0), args, self.tmp / "ioc.log", tag="BENCH",
+                       wrapper=wrapper)
         return self.ioc
 
     def __exit__(self, kind, error, tb) -> None:
@@ -541,8 +543,29 @@ def lag_samples(ioc: Ioc, sender: PacedSender, period: float = 0.1) -> list[floa
     return samples
 
 
+@dataclass
+class PacedFigures:
+    """One paced acquisition's figures."""
+    size: str
+    rate: float
+    mib_s: float
+    count: int
+    late_ms: float
+    lag_p50_ms: float
+    lag_max_ms: float
+    lost: int
+    stop_ms: float
+    cpu_percent: float
+
+    def line(self) -> str:
+        return (f"paced {self.size:>12} {self.rate:5g} Hz ({self.mib_s:6.1f} MiB/s, "
+                f"{self.count} msgs, sender at most {self.late_ms:.0f} ms late): lag p50 "
+                f"{self.lag_p50_ms:.0f} ms max {self.lag_max_ms:.0f} ms, LOST {self.lost}, "
+                f"STOP -> file complete {self.stop_ms:.0f} ms, IOC CPU {self.cpu_percent:.0f}%")
+
+
 def paced_case(ioc: Ioc, source: BsreadSource, out: Path, size: str, rate: float,
-               seconds: float, first: int) -> str:
+               seconds: float, first: int) -> PacedFigures:
     frames = paced_messages(size)
     nbytes = sum(map(len, frames(first)))
     name = f"paced-{size}-{rate:g}Hz.h5"
@@ -573,10 +596,9 @@ def paced_case(ioc: Ioc, source: BsreadSource, out: Path, size: str, rate: float
     check_acquisition(ioc, out / name, first, stop - first + 1,
                       channels=None if PACED_SIZES[size] is None else ["PACED:FRAME"])
     lags_ms = np.array(lags) * 1e3
-    return (f"paced {size:>12} {rate:5g} Hz ({nbytes * rate / MiB:6.1f} MiB/s, {count} msgs, "
-            f"sender at most {late * 1e3:.0f} ms late): lag p50 {np.median(lags_ms):.0f} ms "
-            f"max {lags_ms.max():.0f} ms, LOST {lost:.0f}, STOP -> file complete "
-            f"{stop_ms:.0f} ms, IOC CPU {percent:.0f}%")
+    return PacedFigures(size, rate, nbytes * rate / MiB, count, late * 1e3,
+                        float(np.median(lags_ms)), float(lags_ms.max()), int(lost), stop_ms,
+                        percent)
 
 
 def scenario_paced(opts, world_args) -> None:
@@ -598,8 +620,9 @@ def scenario_paced(opts, world_args) -> None:
                           f"MiB/s is more than this machine carries (limit "
                           f"{limit / MiB:.0f} MiB/s)", flush=True)
                     continue
-                line = paced_case(ioc, world.source, world.out, size, rate, opts.seconds, first)
-                print(line, flush=True)
+                figures = paced_case(ioc, world.source, world.out, size, rate, opts.seconds,
+                                     first)
+                print(figures.line(), flush=True)
                 first += 10_000_000
 
 

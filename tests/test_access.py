@@ -7,12 +7,9 @@ from __future__ import annotations
 import getpass
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
-import uuid
 from pathlib import Path
 
 import epics
@@ -20,8 +17,9 @@ import pytest
 from caproto import AccessRights
 from caproto.sync import client as caproto_client
 
-from sfbw_ioc.testing.ioc import (EPICS_BIN, REPO, IocProcess, ca_client_environment,
-                                  ioc_environment, poll, unique_prefix)
+from other_users import SoftIoc, run_as, tools_for_everyone, unix_users
+from sfbw_ioc.testing.ioc import (REPO, IocProcess, ca_client_environment, ioc_environment,
+                                  unique_prefix)
 from sfbw_ioc.pvs import access
 from sfbw_ioc.pvs.access import AccessConfigError, parse
 from sfbw_ioc.service.caprobe import PROBE_USER
@@ -151,44 +149,16 @@ def test_shipped_examples_parse_and_let_the_watchdog_read() -> None:
 
 @pytest.fixture(scope="module")
 def users():
-    """Two Unix users made for this test, removed afterwards: (writer, reader)."""
-    if os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("runuser"):
-        pytest.skip("needs root with useradd and runuser to act as other Unix users")
-    tag = uuid.uuid4().hex[:6]
-    names = (f"sfbw{tag}w", f"sfbw{tag}r")
-    made = []
-    try:
-        for name in names:
-            result = subprocess.run(["useradd", "--system", "--no-create-home",
-                                     "--shell", "/usr/sbin/nologin", name],
-                                    capture_output=True, text=True)
-            if result.returncode != 0:
-                pytest.skip(f"useradd {name} failed: {result.stderr.strip()}")
-            made.append(name)
+    """(writer, reader)"""
+    with unix_users() as names:
         yield names
-    finally:
-        for name in made:
-            subprocess.run(["userdel", name], capture_output=True)
 
 
 @pytest.fixture(scope="module")
 def tools():
-    """caget/caput/cainfo/camonitor where any user may run them: the installed ones lie below
-    /root, which other users cannot enter (RUNPATH $ORIGIN/../lib finds the libraries)."""
-    directory = Path(tempfile.mkdtemp(prefix="sfbw-ca-tools-"))
-    try:
-        (directory / "bin").mkdir()
-        (directory / "lib").mkdir()
-        for tool in ("caget", "caput", "cainfo", "camonitor"):
-            shutil.copy2(EPICS_BIN / tool, directory / "bin" / tool)
-        for library in (EPICS_BIN.parent / "lib").glob("lib*.so*"):
-            if library.name.startswith(("libca.", "libCom.")):
-                shutil.copy2(library, directory / "lib" / library.name)
-        for path in (directory, directory / "bin", directory / "lib"):
-            path.chmod(0o755)
-        yield directory / "bin"
-    finally:
-        shutil.rmtree(directory)
+    with tools_for_everyone(("caget", "caput", "cainfo", "camonitor"),
+                            ("libca.", "libCom.")) as directory:
+        yield directory
 
 
 def acf_text(writer: str, reader: str, host: str) -> str:
@@ -223,16 +193,10 @@ def secured_ioc(users, tmp_path_factory, ca_ports):
 def as_user(user: str, tools: Path, ioc: IocProcess, *command: str,
             hostname: str | None = None, seconds: float | None = None
             ) -> subprocess.CompletedProcess:
-    """An EPICS tool run as ``user`` (from a host named ``hostname``: a new UTS
-    namespace, where libca takes the host name it sends from), interrupted after
-    ``seconds`` if given (a camonitor)."""
-    env = {**os.environ, **ca_client_environment([ioc.port])}
+    """A CA tool of ``tools`` run as ``user`` against ``ioc`` (see other_users.run_as)."""
     tool, *args = command
-    limit = ["timeout", "-s", "INT", str(seconds)] if seconds is not None else []
-    argv = ["runuser", "-u", user, "--", *limit, str(tools / tool), *args]
-    if hostname is not None:
-        argv = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', hostname, *argv]
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    return run_as(user, tools / tool, args, ca_client_environment([ioc.port]),
+                  hostname=hostname, seconds=seconds)
 
 
 def access_line(result: subprocess.CompletedProcess) -> str:
@@ -317,30 +281,6 @@ UAG(readers) {{{reader}, {PROBE_USER}, {getpass.getuser()}}}
 ASG(DEFAULT) {{ RULE(1, READ) {{ UAG(readers) }} }}
 ASG(CONTROL) {{ RULE(1, READ) {{ UAG(readers) }} }}
 """
-
-
-class SoftIoc:
-    """EPICS's own softIoc serving db/sfbw.db (the same PV names, each writable one in
-    ASG CONTROL) under an ACF file."""
-
-    def __init__(self, port: int, prefix: str, acf: Path, log_path: Path) -> None:
-        self.port, self.prefix = port, prefix
-        self._log = log_path.open("w")
-        self._process = subprocess.Popen(
-            [str(EPICS_BIN / "softIoc"), "-S", "-a", str(acf), "-m", f"P={prefix}",
-             "-d", str(REPO / "db/sfbw.db")],
-            env={**os.environ, **ioc_environment(port)}, stdout=self._log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        connected = poll(lambda: epics.PV(self.pv("W1:STATE")).wait_for_connection(0.5), 20)
-        assert connected, log_path.read_text()
-
-    def pv(self, name: str) -> str:
-        return self.prefix + name
-
-    def stop(self) -> None:
-        self._process.terminate()
-        self._process.wait(10)
-        self._log.close()
 
 
 @pytest.fixture(scope="module")

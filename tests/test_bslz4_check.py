@@ -4,7 +4,9 @@ and text, on good chunks and on damaged ones."""
 from __future__ import annotations
 
 import os
+import struct
 
+import bitshuffle
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -83,3 +85,24 @@ def test_every_bitshuffle_value_of_the_vectors_passes_both_ways(case):
 @BUILT
 def test_the_c_way_is_used_where_it_is_built():
     assert compression.check_bslz4_blocks is compression.check_bslz4_blocks_at_once
+
+
+@pytest.mark.parametrize("itemsize, count", [(1, 100_000), (2, 30_000), (4, 5), (8, 3000)])
+def test_areadetector_blocks_are_the_chunk_without_its_header(itemsize, count):
+    """areaDetector's "bslz4" is bshuf_compress_lz4's output with the default block: the
+    reference sender's chunk minus its 12-byte header (pva.frames serves it so)."""
+    raw = (np.arange(count * itemsize) // 5).astype(np.uint8).tobytes()
+    chunk = compression.compress(raw, "bitshuffle_lz4", itemsize, False)
+    blocks = compression.bitshuffle_lz4_blocks(chunk, itemsize, len(raw))
+    default = bitshuffle.compress_lz4(np.frombuffer(raw, f"u{itemsize}"), 0)
+    assert bytes(blocks) == default.tobytes()
+
+
+def test_chunks_of_other_blocks_or_sizes_are_not_areadetectors():
+    raw = (np.arange(100_000) // 5).astype(np.uint8)
+    body = bitshuffle.compress_lz4(raw, 1024).tobytes()
+    other_block = struct.pack(">QI", raw.nbytes, 1024) + body
+    assert compression.bitshuffle_lz4_blocks(other_block, 1, raw.nbytes) is None
+    chunk = compression.compress(raw.tobytes(), "bitshuffle_lz4", 1, False)
+    assert compression.bitshuffle_lz4_blocks(chunk, 1, raw.nbytes - 8) is None
+    assert compression.bitshuffle_lz4_blocks(chunk[:5], 1, raw.nbytes) is None

@@ -10,13 +10,16 @@ import xml.etree.ElementTree as ElementTree
 import epics
 import h5py
 import pytest
+from p4p.client.thread import Context
 
-from sfbw_ioc.testing.ioc import REPO, IocProcess, poll, unique_prefix
+from pva_clients import PvaPorts, pva_ioc
+from sfbw_ioc.testing.ioc import REPO, poll, unique_prefix
 from sfbw_ioc.pvs import epicsdb
 from sfbw_ioc.pvs.ioc import ioc_class
 
 DB_FILE = REPO / "db" / "sfbw.db"
 PANEL = REPO / "db" / "sfbw.bob"
+PVA = "pva://"
 # What Phoebus' Display Builder knows, read in its source (ControlSystemStudio/phoebus,
 # commit 9bdac32, 2026-08-07). Widget types: the WidgetDescriptor type names of
 # app/display/model/.../model/widgets/ and of the widget modules app/display/linearmeter,
@@ -82,11 +85,16 @@ ALIAS = re.compile(r'^alias\("\$\(P\)([^"]+)", "\$\(P\)([^"]+)"\)', re.M)
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory, ca_ports):
+def pva_ports():
+    return PvaPorts()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, ca_ports, pva_ports):
     root = tmp_path_factory.mktemp("demo")
-    ioc = IocProcess(ca_ports(), unique_prefix("DEMO"),
-                     ["--simulate", "--output-root", str(root), "--list-pvs"],
-                     tmp_path_factory.mktemp("log") / "demo.log")
+    ioc = pva_ioc(ca_ports(), unique_prefix("DEMO"),
+                  ["--simulate", "--output-root", str(root), "--list-pvs"],
+                  tmp_path_factory.mktemp("log") / "demo.log", pva_ports)
     yield ioc, root
     assert ioc.stop() == 0, ioc.log()
 
@@ -150,19 +158,33 @@ def test_the_simulated_stream_fills_pvs_and_a_real_file(demo):
 
 
 @pytest.mark.parametrize("writer", ["", "W2:"])
-def test_the_panel_names_only_pvs_the_ioc_serves(demo, writer):
+def test_the_panel_names_only_pvs_the_ioc_serves(demo, pva_ports, writer):
+    """Channel Access names among the IOC's (--list-pvs), pva:// names on its PVA server."""
     ioc, _ = demo
     served = poll(lambda: _logged_pv_names(ioc.log()), what="--list-pvs output")
     panel = ElementTree.parse(PANEL).getroot()
     macros = {"P": ioc.prefix, "W": writer}
     named = {_expand(element.text.strip(), macros) for element in panel.iter("pv_name")}
     assert not [name for name in named if "$" in name], "unexpanded macros"
-    for pv in ("IMAGE:ARRAY", "LIVE8:NAME", "STREAM_CHANNELS", "STREAM_CHANNEL_COUNT"):
+    for pv in ("LIVE8:NAME", "STREAM_CHANNELS", "STREAM_CHANNEL_COUNT"):
         assert ioc.pv(pv) in named
     for pv in ("OUTPUT_FILE", "FILE_PATH", "FILE_NAME", "FILE_NUMBER", "AUTO_INCREMENT",
                "CHANNELS", "STATE", "MESSAGE", "WRITTEN"):
         assert ioc.pv(writer + pv) in named
-    assert named <= served, named - served
+    over_pva = {name[len(PVA):] for name in named if name.startswith(PVA)}
+    assert over_pva == {ioc.pv("IMAGE")}
+    assert named - {PVA + name for name in over_pva} <= served, named - served
+    with Context("pva", conf=pva_ports.client_environment(), useenv=False, nt=False) as context:
+        for name in over_pva:
+            assert context.get(name, timeout=5).getID() == "epics:nt/NTNDArray:1.0"
+
+
+def test_the_panel_shows_the_image_over_pva():
+    """An NTNDArray carries its own width and height: Phoebus takes them from the frame."""
+    panel = ElementTree.parse(PANEL).getroot()
+    image, = (w for w in panel.iter("widget") if w.get("type") == "image")
+    assert image.findtext("pv_name") == "pva://$(P)IMAGE"
+    assert not image.findall("rules/rule")
 
 
 def test_the_panel_lets_its_caller_choose_the_prefix_and_the_writer():
@@ -191,18 +213,6 @@ def test_the_panel_uses_only_widgets_and_properties_phoebus_has():
                 assert not unknown, (name, path, unknown)
     for action in panel.iter("action"):
         assert action.get("type") == "write_pv"
-
-
-def test_the_panel_image_takes_its_size_from_the_ioc():
-    panel = ElementTree.parse(PANEL).getroot()
-    image, = (w for w in panel.iter("widget") if w.get("type") == "image")
-    assert image.findtext("pv_name") == "$(P)IMAGE:ARRAY"
-    sizes = {rule.get("prop_id"): rule.findtext("pv_name")
-             for rule in image.iter("rule") if rule.get("out_exp") == "true"}
-    assert sizes == {"data_width": "$(P)IMAGE:WIDTH", "data_height": "$(P)IMAGE:HEIGHT"}
-    for rule in image.iter("rule"):
-        assert rule.find("exp").get("bool_exp") == "true"
-        assert rule.findtext("exp/expression") == "pvInt0"
 
 
 def _expand(text: str, macros: dict[str, str]) -> str:

@@ -1,10 +1,10 @@
 """The camera frame over PV Access: a p4p monitor of <prefix>IMAGE receives frames equal
 to the file's, in their own type and full size (uint8, uint16, float32), and
-<prefix>IMAGE:COMPRESSED the ring's bitshuffle_lz4 chunk, which decompresses to it."""
+<prefix>IMAGE:COMPRESSED the ring's bitshuffle_lz4 chunk as areaDetector's "bslz4" codec
+carries it, which decompresses to it as areaDetector's viewers decompress it."""
 from __future__ import annotations
 
 import queue
-import struct
 import time
 
 import bitshuffle
@@ -55,13 +55,22 @@ def pulse_id_of(frame) -> int:
     return next(a.value for a in raw(frame).attribute if a.name == "pulse_id")
 
 
+# pvData's ScalarType codes: what ntndArrayConverter puts in codec.parameters.
+SCALAR_TYPES = {"uint8": 5, "uint16": 6, "float32": 9}
+
+
 def decompressed(frame, dtype: np.dtype) -> np.ndarray:
-    chunk = frame.value
-    size, block = struct.unpack(">QI", chunk[:12].tobytes())
-    assert size == frame.uncompressedSize
-    assert frame.compressedSize == chunk.size
-    return bitshuffle.decompress_lz4(chunk[12:], (size // dtype.itemsize,), dtype,
-                                     block // dtype.itemsize)
+    """As the ImageJ NTNDA viewer and c2dataviewer decompress "bslz4": the whole value
+    through bshuf_decompress_lz4 with the default block size (0)."""
+    assert frame.compressedSize == frame.value.size
+    return bitshuffle.decompress_lz4(frame.value, (frame.uncompressedSize // dtype.itemsize,),
+                                     dtype, 0)
+
+
+def assert_codec_parameters(frame, spec) -> None:
+    """The uncompressed type as an int32, which the pvData viewers require (PVInt)."""
+    assert frame.codec.parameters == SCALAR_TYPES[spec.type]
+    assert "any parameters int32_t" in frame.codec.tostr()
 
 
 @pytest.mark.parametrize("spec", CAMERAS, ids=lambda spec: spec.name)
@@ -102,9 +111,12 @@ def test_monitored_frames_equal_the_files(setup, spec):
             assert np.array_equal(frame, value_for(spec, number))
             assert frame.raw.uniqueId == number
             assert frame.raw.codec.name == ""
+            assert_codec_parameters(frame.raw, spec)
             assert [d.size for d in frame.raw.dimension] == [SHAPE[1], SHAPE[0]]
         for number, frame in received_packed.items():
             expected = data[number - base]
+            assert_codec_parameters(frame, spec)
+            assert frame.uncompressedSize == expected.nbytes
             if spec.compression == "bitshuffle_lz4":
                 assert frame.codec.name == "bslz4"
                 array = decompressed(frame, np.dtype(spec.type))

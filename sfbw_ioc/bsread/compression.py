@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 # An LZ4 block spends at least one byte per 255 bytes of output, and the LZ4 encoder never
 # grows its input by more than its compressBound; a size outside both cannot be genuine.
 _LZ4_MAX_RATIO = 255
-# The reference sender's bitshuffle block (bitshuffle's own default): 8 KiB.
-_BSLZ4_BLOCK_BYTES = 8192
+# The reference sender's bitshuffle block, bitshuffle's own default (its
+# bshuf_default_block_size for 1- to 8-byte elements): 8 KiB.
+BSLZ4_DEFAULT_BLOCK_BYTES = 8192
 _BSLZ4_HEADER = struct.Struct(">QI")
 _BSLZ4_BLOCK_PREFIX = struct.Struct(">I")
 # bitshuffle only cares about element size; unsigned views keep byte order out of it.
@@ -43,7 +44,7 @@ def compress(raw: bytes, compression: str, itemsize: int, big_endian: bool) -> b
         prefix = len(raw).to_bytes(LZ4_HEADER_SIZE, "big" if big_endian else "little")
         return prefix + lz4.block.compress(raw, store_size=False)
     if compression == "bitshuffle_lz4":
-        block = _BSLZ4_BLOCK_BYTES // itemsize
+        block = BSLZ4_DEFAULT_BLOCK_BYTES // itemsize
         body = bitshuffle.compress_lz4(np.frombuffer(raw, _UINT[itemsize]), block)
         return _BSLZ4_HEADER.pack(len(raw), block * itemsize) + body.tobytes()
     return raw
@@ -141,6 +142,20 @@ def _bslz4_decompress(
     shuffled[start:] = view[len(view) - (nbytes - start) :]
     unshuffled = bitshuffle.bitunshuffle(np.frombuffer(shuffled, _UINT[itemsize]), block)
     return memoryview(unshuffled).cast("B")
+
+
+def bitshuffle_lz4_blocks(part: Buffer, itemsize: int, nbytes: int) -> memoryview | None:
+    """The LZ4 blocks of a bitshuffle_lz4 chunk of ``nbytes`` bytes without its 12-byte
+    header, when they are what bitshuffle's ``bshuf_compress_lz4`` makes with its default
+    block size (what areaDetector's "bslz4" codec carries); None when the header tells
+    another size or layout."""
+    view = memoryview(part).cast("B")
+    try:
+        _, count, block = _bslz4_layout(view, itemsize, nbytes, nbytes)
+    except MalformedMessage:
+        return None
+    default = min(BSLZ4_DEFAULT_BLOCK_BYTES // itemsize, max(8, count - count % 8))
+    return view[BSLZ4_HEADER_SIZE:] if block == default else None
 
 
 def _bslz4_layout(

@@ -2,12 +2,20 @@
 
     <prefix>IMAGE               the IMAGE:NAME camera's newest frame, in its own type and
                                 full size (IMAGE:ARRAY is its binned float32 for CA)
-    <prefix>IMAGE:COMPRESSED    the same frame as it sits in the ring: bitshuffle_lz4
-                                (codec.name "bslz4", as areaDetector's NDPluginCodec)
+    <prefix>IMAGE:COMPRESSED    the same frame as it sits in the ring: bitshuffle_lz4,
+                                as areaDetector's NDPluginCodec makes "bslz4" (below)
     <prefix>LIVEn, LIVEn:COMPRESSED   the same for each live slot's value
 
 uniqueId is the pulse id modulo 2**31 (an int32); the exact pulse id is the NTAttribute
 ``pulse_id``; dataTimeStamp and timeStamp are the message's global timestamp.
+
+"bslz4" as NDPluginCodec and NDPluginPva (ntndArrayConverter) write it and areaDetector's
+viewers read it: the value is ``bshuf_compress_lz4``'s output (the LZ4 blocks, without the
+12-byte header of the HDF5 filter's chunk, which bsread sends) in ``ubyteValue``, decoded
+with bitshuffle's default block size; ``codec.parameters`` is the uncompressed type's
+pvData ScalarType code as an int32 (also for an uncompressed frame); ``compressedSize``
+the value's bytes, ``uncompressedSize`` the frame's. A chunk in other blocks is served
+uncompressed.
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ from p4p import Value
 from p4p.nt import NTNDArray
 from p4p.server.asyncio import SharedPV
 
+from ..bsread.compression import bitshuffle_lz4_blocks
 from ..live.sampler import ChannelSample, ImageSample, Samples, Stamp
 from .values import pva_stamp_from_epics
 
@@ -27,9 +36,9 @@ log = logging.getLogger(__name__)
 CODEC = "bslz4"
 _UNIQUE_ID_MODULUS = 2**31
 _MINOR = 1
-# areaDetector's NDDataType_t, which NDPluginCodec puts in codec.parameters.
-_ND_DATA_TYPES = {"i1": 0, "u1": 1, "i2": 2, "u2": 3, "i4": 4, "u4": 5, "i8": 6, "u8": 7,
-                  "f4": 8, "f8": 9}
+# pvData's ScalarType codes, which ntndArrayConverter puts in codec.parameters.
+_SCALAR_TYPES = {"b1": 0, "i1": 1, "i2": 2, "i4": 3, "i8": 4, "u1": 5, "u2": 6, "u4": 7,
+                 "u8": 8, "f4": 9, "f8": 10}
 _UNION_MEMBERS = {"b1": "booleanValue", "i1": "byteValue", "i2": "shortValue",
                   "i4": "intValue", "i8": "longValue", "u1": "ubyteValue",
                   "u2": "ushortValue", "u4": "uintValue", "u8": "ulongValue",
@@ -56,19 +65,29 @@ def ndarray_value(sample: Sample, packed: bool) -> Value:
         "alarm": {"severity": 0, "status": 0, "message": ""},
         "dimension": [{"size": size, "offset": 0, "fullSize": size, "binning": 1,
                        "reverse": False} for size in reversed(shape)],
+        # ColorMode an int32, as areaDetector's NDAttribute: 0 is mono.
         "attribute": [{"name": "pulse_id", "value": sample.pulse_id,
                        "descriptor": "bsread pulse id"},
-                      *([{"name": "ColorMode", "value": 0}] if full.ndim == 2 else [])],
+                      *([{"name": "ColorMode", "value": ("i", 0)}] if full.ndim == 2 else [])],
         "uncompressedSize": full.nbytes,
     }
-    if packed and sample.packed is not None:
-        chunk = np.frombuffer(sample.packed, dtype=np.uint8)
+    blocks = _bslz4_blocks(sample) if packed else None
+    codec = {"parameters": ("i", _SCALAR_TYPES[_key(full.dtype)])}
+    if blocks is not None:
+        chunk = np.frombuffer(blocks, dtype=np.uint8)
         fields.update(value=("ubyteValue", chunk), compressedSize=chunk.nbytes,
-                      codec={"name": CODEC, "parameters": _ND_DATA_TYPES.get(_key(full.dtype), 1)})
+                      codec={"name": CODEC, **codec})
     else:
         fields.update(value=(_UNION_MEMBERS[_key(full.dtype)], full.reshape(-1)),
-                      compressedSize=full.nbytes, codec={"name": "", "parameters": 0})
+                      compressedSize=full.nbytes, codec={"name": "", **codec})
     return Value(_TYPE, fields)
+
+
+def _bslz4_blocks(sample: Sample) -> memoryview | None:
+    full = sample.full
+    if sample.packed is None or full is None:
+        return None
+    return bitshuffle_lz4_blocks(sample.packed, full.dtype.itemsize, full.nbytes)
 
 
 def _problem(problem: str) -> Value:
@@ -82,7 +101,7 @@ class FramePair:
     def __init__(self, name: str, chosen: Callable[[], str]) -> None:
         self.name = name
         self._chosen = chosen
-        empty = Value(_TYPE, {"codec": {"name": "", "parameters": 0}})
+        empty = Value(_TYPE, {"codec": {"name": "", "parameters": ("i", 0)}})
         self.plain = SharedPV(initial=empty)
         self.packed = SharedPV(initial=empty)
 

@@ -67,8 +67,9 @@ class MirroredPV:
         rights = await self._peers.rights(self._channel, op.peer(), op.account())
         if AccessRights.WRITE in rights:
             return None
-        return (f"write access denied: {self.name} for {op.account() or 'anonymous'} "
-                f"at {op.peer()}")
+        # EPICS's QSRV's words first, then who was refused what.
+        return (f"Put not permitted: {op.account() or 'anonymous'} at {op.peer()} may not "
+                f"write {self.name}")
 
 
 class _Updates:
