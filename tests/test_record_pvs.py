@@ -91,8 +91,9 @@ def test_pv_changes_land_on_their_pulses_and_a_stopped_ioc_is_recorded(
         ioc.put("OUTPUT_FILE", "rec.h5")
         ioc.put("START_NOW", 1)
         ioc.wait_for("STATE", 2)  # WRITING
-        message = ioc.text("W1:MESSAGE")
-        assert "1 of 7 recorded PVs not connected: NOBODY:HAS:THIS" in message
+        # Told for the new file at the next look at ACTIVE_FILE (twice a second).
+        poll(lambda: "1 of 7 recorded PVs not connected: NOBODY:HAS:THIS"
+             in ioc.text("W1:MESSAGE"), timeout=5, what="the not-connected PVs in MESSAGE")
         for setpoint in ("1.5", "-2.75", "3.125"):
             time.sleep(0.3)  # pacing the changes, so that they fall on different pulses
             caput(p + "SETPOINT", setpoint)
