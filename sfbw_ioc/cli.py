@@ -8,7 +8,7 @@ from typing import Sequence
 
 from caproto.server import template_arg_parser
 
-from .commandline import (byte_size, dir_mode, file_mode, non_negative_float, port_number,
+from .commandline import (add_serving_options, byte_size, dir_mode, file_mode, port_number,
                           positive_int)
 from .live.sampler import DEFAULT_IMAGE_MAX_PIXELS
 from .output import ownership
@@ -27,6 +27,7 @@ def image_pixels(text: str) -> int:
 
 
 DEFAULT_PREFIX = "SFBW:"
+DB_FILE = "db/sfbw.db"
 DESCRIPTION = ("SwissFEL bsread buffer and writer: buffers a bsread stream all the time "
                "and writes pulse-id ranges to HDF5 on request over Channel Access.")
 
@@ -71,15 +72,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, object]:
     parser.add_argument("--pulse-rate", type=float, default=100.0,
                         help="machine pulse rate in Hz, to close a file when a silent "
                              "stream must have passed the stop (default: 100)")
-    parser.add_argument("--watchdog-seconds", type=non_negative_float, default=10.0,
-                        help="exit with status 70 when Channel Access has not answered "
-                             "for this long (the IOC reads its own STATE as a new client "
-                             "twice a second), so that a supervisor restarts it "
-                             "(0: off; default: 10)")
-    parser.add_argument("--access-security", type=Path, metavar="FILE",
-                        help="EPICS access security file (ACF): control PVs are in ASG "
-                             "CONTROL, all others in DEFAULT (default: everybody may "
-                             "write)")
     parser.add_argument("--image-max-pixels", type=image_pixels,
                         default=DEFAULT_IMAGE_MAX_PIXELS,
                         help="pixels IMAGE:ARRAY may have; a larger frame is binned by the "
@@ -109,8 +101,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, object]:
     parser.add_argument("--swmr", action="store_true",
                         help="write files readable while written (HDF5 SWMR): the default "
                              "of each writer's SWMR PV")
-    parser.add_argument("--write-db", type=Path, metavar="FILE",
-                        help="write the PV list as an EPICS database file and exit")
+    add_serving_options(parser, DB_FILE)
     return parser, split
 
 

@@ -1,5 +1,6 @@
-"""What the entry points share: argument types, logging, the output root, and the
-caproto server's monitor latency."""
+"""What the entry points share: argument types, the options of serving (watchdog,
+access security, database file), logging, the output root, and the caproto server's
+monitor latency."""
 from __future__ import annotations
 
 import argparse
@@ -72,6 +73,24 @@ def _mode(text: str, allowed: int) -> int:
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"not an octal mode within {allowed:o}: {text!r} "
                                          f"({error})") from None
+
+
+def add_serving_options(parser: argparse.ArgumentParser, db_file: str) -> None:
+    """--watchdog-seconds, --access-security and --write-db, alike for both IOCs
+    (``db_file``: the shipped database file, for the help)."""
+    parser.add_argument("--watchdog-seconds", type=non_negative_float, default=10.0,
+                        help="exit with status 70 when Channel Access has not answered "
+                             "for this long (the IOC reads its own STATE as a new client "
+                             "twice a second), so that a supervisor restarts it "
+                             "(0: off; default: 10)")
+    parser.add_argument("--access-security", type=Path, metavar="FILE",
+                        help="EPICS access security file (ACF): control PVs are in ASG "
+                             "CONTROL, all others in DEFAULT; as in EPICS, a client no "
+                             "rule applies to has no access (default: everybody may read "
+                             "and write)")
+    parser.add_argument("--write-db", type=Path, metavar="FILE",
+                        help=f"write the PV list as an EPICS database file (as {db_file}) "
+                             "and exit")
 
 
 # caproto's server logs these at INFO for every client, also for each short-lived caget.

@@ -22,7 +22,7 @@ from sfbw_ioc.testing.ioc import (REPO, IocProcess, ca_client_environment, ioc_e
                                   unique_prefix)
 from sfbw_ioc.pvs import access
 from sfbw_ioc.pvs.access import AccessConfigError, parse
-from sfbw_ioc.service.caprobe import PROBE_USER
+from sfbw_ioc.serving.caprobe import PROBE_USER
 
 CA_TIMEOUT = "5"
 RW = AccessRights.READ | AccessRights.WRITE
@@ -406,34 +406,97 @@ def test_a_refused_monitor_gets_no_update_after_its_refusal(both_iocs, users):
                                                            ["ECA_NORDACCESS"]]
 
 
+# ---- the group IOC under the same files ------------------------------------------------
+
+def group_under(acf: Path, port: int, directory: Path) -> IocProcess:
+    """sfbw-group with ``acf``; its member need not exist for its own PVs to be served."""
+    return IocProcess(port, unique_prefix("ACG"),
+                      ["--member", unique_prefix("ABSENT"), "--access-security", str(acf),
+                       "--output-root", str(directory / "data")],
+                      directory / f"{acf.stem}-group.log", module="sfbw_ioc.group.cli")
+
+
+@pytest.fixture(scope="module")
+def secured_group(users, tmp_path_factory, ca_ports):
+    directory = tmp_path_factory.mktemp("group-access")
+    acf = directory / "sfbw.acf"
+    acf.write_text(acf_text(*users, socket.gethostname()))
+    group = group_under(acf, ca_ports(), directory)
+    yield group
+    group.stop()
+
+
+def test_group_writer_writes_reader_is_refused(secured_group, users, tools):
+    group, (writer, reader) = secured_group, users
+    pv = group.pv("USER")
+    put = as_user(writer, tools, group, "caput", "-c", "-S", "-w", CA_TIMEOUT, pv, "p4242")
+    assert put.returncode == 0, put.stderr + put.stdout
+    assert group.text("USER") == "p4242"
+    refused = as_user(reader, tools, group, "caput", "-c", "-S", "-w", CA_TIMEOUT, pv, "guest")
+    assert refused.returncode == 1 and "Write access denied" in refused.stderr
+    assert access_line(as_user(reader, tools, group, "cainfo", group.pv("FILE_UID"))) == \
+        "read, no write"
+    assert access_line(as_user(writer, tools, group, "cainfo", group.pv("STATE"))) == \
+        "read, no write"
+    assert group.text("USER") == "p4242"
+
+
+def test_group_read_rules_answer_as_the_ioc_does(readers_file, users, tools, tmp_path,
+                                                  ca_ports):
+    """The file of the READ report on the group IOC: a reader reads and monitors, an
+    outsider gets "no read access" and no update, also from a client ignoring its rights."""
+    outsider, reader = users
+    group = group_under(readers_file, ca_ports(), tmp_path)
+    try:
+        for user, value, monitor, caproto_status in (
+                (reader, "value", "updates", "ECA_NORMAL"),
+                (outsider, "no read access", "nothing", "ECA_NORDACCESS")):
+            for name in ("STATE", "OUTPUT_FILE"):
+                assert caget_outcome(as_user(user, tools, group, "caget",
+                                             group.pv(name))) == value, (user, name)
+                assert camonitor_outcome(user, tools, group, name) == monitor, (user, name)
+            assert caproto_outcome(user, group, "MEMBERS_CONNECTED")[0] == caproto_status
+    finally:
+        group.stop()
+
+
 # ---- start-up ----------------------------------------------------------------------------
 
-def run_cli(tmp_path: Path, port: int, *args: str) -> subprocess.CompletedProcess:
+IOC_COMMANDS = {"ioc": ["sfbw_ioc.cli", "--simulate"],
+                "group": ["sfbw_ioc.group.cli", "--member", "ABSENT:"]}
+
+
+def run_cli(tmp_path: Path, port: int, *args: str, ioc: str = "ioc"
+            ) -> subprocess.CompletedProcess:
     env = {**os.environ, **ioc_environment(port)}
-    return subprocess.run([sys.executable, "-m", "sfbw_ioc.cli", "--simulate",
+    return subprocess.run([sys.executable, "-m", *IOC_COMMANDS[ioc],
                            "--prefix", unique_prefix("ACB"), "--output-root",
                            str(tmp_path / "data"), *args],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
 
 
-def test_file_that_does_not_parse_fails_start_up_with_its_line(tmp_path, ca_ports):
+@pytest.mark.parametrize("ioc", IOC_COMMANDS)
+def test_file_that_does_not_parse_fails_start_up_with_its_line(tmp_path, ca_ports, ioc):
     acf = tmp_path / "bad.acf"
     acf.write_text("UAG(ops) {alice}\nASG(CONTROL) {\n    RULE(1, WRITE) { UAG(opps) }\n}\n")
-    result = run_cli(tmp_path, ca_ports(), "--access-security", str(acf))
+    result = run_cli(tmp_path, ca_ports(), "--access-security", str(acf), ioc=ioc)
     assert result.returncode == 1
     assert "CRITICAL" in result.stderr
     assert f"{acf}: line 3: no UAG named 'opps' defined" in result.stderr
 
 
-def test_missing_file_fails_start_up(tmp_path, ca_ports):
-    result = run_cli(tmp_path, ca_ports(), "--access-security", str(tmp_path / "none.acf"))
+@pytest.mark.parametrize("ioc", IOC_COMMANDS)
+def test_missing_file_fails_start_up(tmp_path, ca_ports, ioc):
+    result = run_cli(tmp_path, ca_ports(), "--access-security", str(tmp_path / "none.acf"),
+                     ioc=ioc)
     assert result.returncode == 1
     assert "CRITICAL" in result.stderr and "none.acf" in result.stderr
 
 
-def test_file_blinding_the_watchdog_fails_start_up(tmp_path, ca_ports):
+@pytest.mark.parametrize("ioc", IOC_COMMANDS)
+def test_file_blinding_the_watchdog_fails_start_up(tmp_path, ca_ports, ioc):
     acf = tmp_path / "blind.acf"
     acf.write_text("ASG(DEFAULT) { RULE(1, NONE) }\n")
-    result = run_cli(tmp_path, ca_ports(), "--access-security", str(acf))
+    result = run_cli(tmp_path, ca_ports(), "--access-security", str(acf), ioc=ioc)
     assert result.returncode == 1
     assert "watchdog" in result.stderr and "CRITICAL" in result.stderr

@@ -1,5 +1,5 @@
 """The README's demo (--simulate) gives a real file; db/sfbw.db and the Phoebus panel
-db/sfbw.bob match the running IOC."""
+db/sfbw.bob match the running IOC, db/sfbw-group.db the running group IOC."""
 from __future__ import annotations
 
 import re
@@ -13,11 +13,13 @@ import pytest
 from p4p.client.thread import Context
 
 from pva_clients import PvaPorts, pva_ioc
-from sfbw_ioc.testing.ioc import REPO, poll, unique_prefix
+from sfbw_ioc.group.pvs import SfbwGroupIOC
+from sfbw_ioc.testing.ioc import REPO, IocProcess, poll, unique_prefix
 from sfbw_ioc.pvs import epicsdb
 from sfbw_ioc.pvs.ioc import ioc_class
 
 DB_FILE = REPO / "db" / "sfbw.db"
+GROUP_DB_FILE = REPO / "db" / "sfbw-group.db"
 PANEL = REPO / "db" / "sfbw.bob"
 PVA = "pva://"
 # What Phoebus' Display Builder knows, read in its source (ControlSystemStudio/phoebus,
@@ -107,15 +109,38 @@ def test_the_db_file_is_generated_from_the_pv_definitions(tmp_path):
         "db/sfbw.db is stale: python -m sfbw_ioc.cli --write-db db/sfbw.db"
 
 
-def test_every_desc_fits_the_epics_field():
-    for name, fields in _records(epicsdb.render(ioc_class())).items():
+def test_the_group_db_file_is_generated_from_the_pv_definitions(tmp_path):
+    generated = tmp_path / "sfbw-group.db"
+    subprocess.run([sys.executable, "-m", "sfbw_ioc.group.cli", "--write-db", str(generated)],
+                   check=True, cwd=REPO, timeout=60)
+    assert generated.read_text() == GROUP_DB_FILE.read_text(), \
+        "db/sfbw-group.db is stale: python -m sfbw_ioc.group.cli --write-db db/sfbw-group.db"
+
+
+@pytest.mark.parametrize("group", [ioc_class(), SfbwGroupIOC], ids=["ioc", "group"])
+def test_every_desc_fits_the_epics_field(group):
+    for name, fields in _records(epicsdb.render(group)).items():
         assert 0 < len(fields["DESC"]) <= epicsdb.DESC_LENGTH, name
 
 
-def test_the_db_file_lists_exactly_the_pvs_of_the_running_ioc(demo):
-    ioc, _ = demo
+@pytest.fixture(scope="module")
+def group_ioc(tmp_path_factory, ca_ports):
+    """A group IOC listing its PVs; its one member need not exist for that."""
+    directory = tmp_path_factory.mktemp("group")
+    ioc = IocProcess(ca_ports(), unique_prefix("DEMOG"),
+                     ["--member", unique_prefix("ABSENT"), "--output-root",
+                      str(directory / "data"), "--list-pvs"], directory / "group.log",
+                     module="sfbw_ioc.group.cli")
+    yield ioc, directory
+    assert ioc.stop() == 0, ioc.log()
+
+
+@pytest.mark.parametrize("running, db_file", [("demo", DB_FILE), ("group_ioc", GROUP_DB_FILE)],
+                         ids=["ioc", "group"])
+def test_the_db_file_lists_exactly_the_pvs_of_the_running_ioc(request, running, db_file):
+    ioc, _ = request.getfixturevalue(running)
     served = poll(lambda: _logged_pv_names(ioc.log()), what="--list-pvs output")
-    records = _records(DB_FILE.read_text())
+    records = _records(db_file.read_text())
     assert {ioc.pv(name) for name in records} == served
     for name, fields in records.items():
         for field, value in fields.items():

@@ -29,9 +29,9 @@ from sfbw_ioc.testing.ioc import (REPO, IocProcess, caput_binary, free_port, ioc
 from sfbw_ioc.testing.sources import CHANNELS, BsreadSource, PacedSender, timestamp_for, value_for
 from sfbw_ioc.testing.files import assert_rows, assert_value
 from sfbw_ioc.bsread import ChannelSpec, encode_message
-from sfbw_ioc.service.caprobe import ProbeFailed, read_pv
+from sfbw_ioc.serving.caprobe import ProbeFailed, read_pv
 from sfbw_ioc.stream.memory import TRIM_INTERVAL_S
-from sfbw_ioc.service.watchdog import Watchdog
+from sfbw_ioc.serving.watchdog import Watchdog
 
 _bases = itertools.count(20_000_000_000, 1_000_000)
 
@@ -428,12 +428,19 @@ def test_the_self_check_reads_a_pv_as_a_new_client_would(iocs, tmp_path):
         source.close()
 
 
-def test_an_ioc_out_of_file_descriptors_is_deaf_and_exits_70(iocs, tmp_path):
+@pytest.mark.parametrize("kind", ["ioc", "group"])
+def test_an_ioc_out_of_file_descriptors_is_deaf_and_exits_70(iocs, tmp_path, kind):
     """Alive but deaf for real: with no descriptor left, the server cannot accept a
-    connection (existing clients would still be served). The self-check notices."""
+    connection (existing clients would still be served). The self-check notices, in the
+    IOC and in the group IOC (whose member need not exist for that)."""
     source = BsreadSource()
-    ioc = iocs(["--stream", source.address, "--output-root", str(tmp_path / "out"),
-                "--watchdog-seconds", "3"])
+    if kind == "ioc":
+        ioc = iocs(["--stream", source.address, "--output-root", str(tmp_path / "out"),
+                    "--watchdog-seconds", "3"])
+    else:
+        ioc = iocs(["--member", unique_prefix("ABSENT"), "--output-root",
+                    str(tmp_path / "out"), "--watchdog-seconds", "3"],
+                   module="sfbw_ioc.group.cli")
     try:
         assert read_pv(("127.0.0.1", ioc.port), ioc.pv("STATE"), 5.0) is not None
         open_fds = len(os.listdir(f"/proc/{ioc.pid}/fd"))

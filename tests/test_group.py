@@ -3,6 +3,11 @@ pulse ids, the group IOC as a subprocess driving them over Channel Access, membe
 and the master's external links read back with h5py."""
 from __future__ import annotations
 
+import itertools
+import os
+import pwd
+import signal
+import subprocess
 from pathlib import Path
 
 import epics
@@ -10,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from sfbw_ioc.testing.ioc import IocProcess, caput_binary, poll, unique_prefix
+from sfbw_ioc.testing.ioc import EPICS_BIN, IocProcess, caput_binary, poll, unique_prefix
 from sfbw_ioc.testing.sources import BsreadSource, CommonPulseStreams, member_channels
 from sfbw_ioc.testing.files import assert_rows
 
@@ -23,20 +28,24 @@ def setup(tmp_path_factory, ca_ports):
     sources = [BsreadSource() for _ in range(3)]
     streams = CommonPulseStreams(sources, FIRST_PULSE_ID)
     streams.start()
-    members, roots = [], []
-    for index, source in enumerate(sources):
-        roots.append(tmp_path_factory.mktemp(f"member{index}"))
-        members.append(IocProcess(ca_ports(), unique_prefix(f"GRPM{index}-"),
-                                  ["--stream", source.address, "--output-root",
-                                   str(roots[-1]), "--buffer-length", "1000"],
-                                  logs / f"member{index}.log"))
+    roots = [tmp_path_factory.mktemp(f"member{index}") for index in range(len(sources))]
+    lives = itertools.count()
+
+    def start_member(index: int, port: int, prefix: str) -> IocProcess:
+        """Member ``index`` on ``port`` and ``prefix`` (again, after a restart)."""
+        return IocProcess(port, prefix, ["--stream", sources[index].address, "--output-root",
+                                         str(roots[index]), "--buffer-length", "1000"],
+                          logs / f"member{index}-{next(lives)}.log")
+
+    members = [start_member(index, ca_ports(), unique_prefix(f"GRPM{index}-"))
+               for index in range(len(sources))]
     group_root = tmp_path_factory.mktemp("group")
     member_args = [arg for m in members for arg in ("--member", m.prefix)]
     group = IocProcess(ca_ports(), unique_prefix("GRP"),
                        [*member_args, "--output-root", str(group_root)],
                        logs / "group.log", module="sfbw_ioc.group.cli")
     group.wait_for("MEMBERS_CONNECTED", 3)
-    yield group, members, roots, group_root, streams
+    yield group, members, roots, group_root, streams, start_member
     streams.halt()
     for ioc in (group, *members):
         ioc.stop()
@@ -162,7 +171,7 @@ def test_refused_start_changes_nothing(setup, group):
 
 
 def test_member_refusing_its_file_refuses_the_start(setup, group):
-    _, members, roots, group_root, _ = setup
+    _, members, roots, group_root, *_ = setup
     taken = member_file(setup, 1, "taken")
     taken.parent.mkdir(parents=True)
     taken.write_bytes(b"someone else's")
@@ -194,6 +203,116 @@ def test_member_refusing_the_start_is_rolled_back(setup, group):
     members[2].wait_for("STATE", 0, timeout=15)
 
 
+@pytest.fixture
+def owner(group):
+    """An account the member IOCs (root) may give files to; the group's FILE_UID and
+    FILE_GID back to -1 afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("the member IOCs give files to another user only as root")
+    yield pwd.getpwnam("nobody")
+    group.put("FILE_UID", -1)
+    group.put("FILE_GID", -1)
+
+
+def owners(setup, stem: str) -> list[tuple[int, int]]:
+    return [(stat.st_uid, stat.st_gid)
+            for stat in (member_file(setup, index, stem).stat() for index in range(3))]
+
+
+def test_file_owner_is_put_to_every_member_before_the_start(setup, group, owner):
+    _, members, *_ = setup
+    members[0].put("FILE_UID", owner.pw_uid)  # by hand: the group's -1 overrides it
+    newest = newest_pulse(setup)
+    acquire(group, "own/ioc.h5", newest - 40, newest - 30)
+    assert owners(setup, "own/ioc") == [(0, 0)] * 3
+    group.put("FILE_UID", owner.pw_uid)
+    group.put("FILE_GID", owner.pw_gid)
+    master = acquire(group, "own/theirs.h5", newest - 20, newest - 10)
+    assert group.get("STATE") == 0, group.text("MESSAGE")
+    assert owners(setup, "own/theirs") == [(owner.pw_uid, owner.pw_gid)] * 3
+    assert [(m.get("FILE_UID"), m.get("FILE_GID")) for m in members] == \
+        [(owner.pw_uid, owner.pw_gid)] * 3
+    assert_group_files(setup, master, "own/theirs", list(range(newest - 20, newest - 9)))
+
+
+def test_a_file_owner_a_member_refuses_refuses_the_start(setup, group, owner):
+    _, members, _, group_root, *_ = setup
+    unknown = next(uid for uid in range(2**31 - 2, 0, -1) if not _has_account(uid))
+    group.put("FILE_UID", unknown)  # in range: the members' START says whether it exists
+    group.put("OUTPUT_FILE", "nobodys.h5")
+    assert caput_binary("-c", group.pv("START_NOW"), "1", ca_timeout=10).returncode == 1
+    message = group.text("MESSAGE")
+    assert f"FILE_UID {unknown}: no user has this uid" in message, message
+    assert any(m.prefix in message for m in members), message
+    assert [m.get("STATE") for m in members] == [0, 0, 0]
+    assert not (group_root / "nobodys.h5").exists()
+    assert not any(member_file(setup, index, "nobodys").exists() for index in range(3))
+
+
+def test_a_file_owner_out_of_range_is_refused_by_the_group(setup, group):
+    before = group.get("FILE_GID")
+    assert caput_binary("-c", group.pv("FILE_GID"), "-2", ca_timeout=10).returncode == 1
+    assert "FILE_GID must be -1" in group.text("MESSAGE")
+    assert group.get("FILE_GID") == before
+
+
+def _has_account(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("when", ["writing", "stopping"])
+def test_member_restarted_during_acquisition_is_named_and_the_next_one_works(setup, group,
+                                                                             when):
+    """Killed and started again on the same port and prefix while the group writes, or
+    while the group's STOP waits for the stop pulse: the group names it, its acquisition
+    ends (the STOP fails, the master lists the member as failed), and the next one has
+    the restarted member in it."""
+    _, members, *_, streams, start_member = setup
+    newest = newest_pulse(setup)
+    start, stop = newest - 10, newest + 300
+    group.put("OUTPUT_FILE", f"restarted-{when}.h5")
+    group.put("START_PULSE_ID", start)
+    group.wait_for("STATE", 2)
+    if when == "stopping":  # the STOP's put-callback waits for the files meanwhile
+        stopping = subprocess.Popen([str(EPICS_BIN / "caput"), "-c", "-w", "30",
+                                     group.pv("STOP_PULSE_ID"), str(stop)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)
+        group.wait_for("MESSAGE", f"stopping at {stop}", as_string=True)
+    streams.silent.add(1)  # a PUSH without its receiver would block the other streams
+    killed = members[1]
+    killed.stop(sig=signal.SIGKILL)
+    members[1] = start_member(1, killed.port, killed.prefix)
+    streams.silent.discard(1)
+    group.wait_for("MEMBERS_CONNECTED", 3)
+    assert f"member {killed.prefix} failed" in group.text("MESSAGE")
+    if when == "writing":
+        assert group.get("STATE") == 4  # ERROR
+        refused = caput_binary("-c", group.pv("STOP_PULSE_ID"), str(stop), ca_timeout=30)
+        assert refused.returncode == 1
+    else:
+        assert stopping.wait(60) == 1, stopping.stdout.read()
+    assert group.get("STATE") == 4
+    master = Path(group.text("LAST_FILE"))
+    assert master.name == f"restarted-{when}.h5"
+    assert_group_files(setup, master, f"restarted-{when}", list(range(start, stop + 1)), (0, 2))
+    with h5py.File(master, "r") as h5:
+        row = h5["general/members"][1]
+        assert row["status"].decode() == "failed" and row["file"].decode() == ""
+        assert killed.prefix in row["message"].decode()
+
+    poll(lambda: members[1].get("LAST_PULSE_ID") > 0, what="the restarted member receiving")
+    newest = newest_pulse(setup)
+    start, stop = newest + 20, newest + 60
+    master = acquire(group, f"after-restart-{when}.h5", start, stop)
+    assert group.get("STATE") == 0, group.text("MESSAGE")
+    assert_group_files(setup, master, f"after-restart-{when}", list(range(start, stop + 1)))
+
+
 def test_member_killed_during_acquisition(setup, group):
     _, members, *_ = setup
     newest = newest_pulse(setup)
@@ -218,7 +337,7 @@ def test_member_killed_during_acquisition(setup, group):
 
 
 def test_member_gone_before_start_is_refused(setup, group):
-    _, members, roots, group_root, _ = setup  # members[2] was killed by the test before
+    _, members, roots, group_root, *_ = setup  # members[2] was killed by the test before
     group.put("OUTPUT_FILE", "gone.h5")
     result = caput_binary("-c", group.pv("START_NOW"), "1", ca_timeout=10)
     assert result.returncode == 1, result.stdout + result.stderr
@@ -231,7 +350,7 @@ def test_member_gone_before_start_is_refused(setup, group):
 
 
 def test_allow_partial_starts_without_the_gone_member(setup, ca_ports, tmp_path):
-    _, members, _, _, _ = setup  # members[2] is gone
+    _, members, *_ = setup  # members[2] is gone
     root = tmp_path / "partial-root"
     partial = IocProcess(ca_ports(), unique_prefix("GRPP"),
                          [*(a for m in members for a in ("--member", m.prefix)),

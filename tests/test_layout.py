@@ -20,7 +20,7 @@ RANKS = {
     "hdf5": 2,
     "acquisition": 3, "live": 3,
     "pvs": 4,
-    "bridges": 5, "group": 5, "commandline": 5, "pva": 5,
+    "bridges": 5, "group": 5, "commandline": 5, "pva": 5, "serving": 5,
     "service": 6, "bluesky": 6,
     "cli": 7,
     "testing": 8,  # drives the whole package from outside; nothing of it imports testing

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable, Mapping, Sequence
 
+from ..output.ownership import KEEP
 from ..output.root import OutputPathError, OutputRoot
 from ..vocabulary import NOT_GIVEN, State
 from .decisions import (GroupError, Seen, absent_outcome, all_writing, closed_outcome,
@@ -33,6 +34,14 @@ class GroupStatus:
     state: State = State.IDLE
     message: str = ""
     last_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FileOwner:
+    """FILE_UID and FILE_GID put to every member (-1: the member's own)."""
+
+    uid: int = KEEP
+    gid: int = KEEP
 
 
 @dataclass(eq=False)
@@ -101,23 +110,24 @@ class Coordinator:
     # ---- START -----------------------------------------------------------------------
 
     async def start(self, start_pulse_id: int | None, output_file: str,
-                    general: Mapping[str, str]) -> None:
+                    general: Mapping[str, str], owner: FileOwner) -> None:
         """Start every member on the same pulse (None: the newest LAST_PULSE_ID of the
-        members + 1). Raises ``GroupError`` when refused; nothing is left started then."""
+        members + 1), its files given to ``owner``. Raises ``GroupError`` when refused;
+        nothing is left started then."""
         if self._starting or self._active() is not None:
             raise GroupError("a group acquisition is running: STOP or ABORT it first")
         self._starting = True
         try:
-            await self._start(start_pulse_id, output_file, general)
+            await self._start(start_pulse_id, output_file, general, owner)
         finally:
             self._starting = False
 
     async def _start(self, start_pulse_id: int | None, output_file: str,
-                     general: Mapping[str, str]) -> None:
+                     general: Mapping[str, str], owner: FileOwner) -> None:
         master, stem = await self.check_master(output_file)
         ready, absent = ready_members(self.members, self.allow_partial)
         start = start_pulse(start_pulse_id, ready, self._pending_stop)
-        runs, refused = await self._start_members(ready, stem, start, general)
+        runs, refused = await self._start_members(ready, stem, start, general, owner)
         absent += refused
         self._run = run = _Run(master, dict(general), start, runs, absent,
                                started_now=start_pulse_id is None)
@@ -133,14 +143,14 @@ class Coordinator:
                                                                 output_file)
 
     async def _start_members(self, ready: list[Member], stem: str, start_pulse_id: int,
-                             general: Mapping[str, str]
+                             general: Mapping[str, str], owner: FileOwner
                              ) -> tuple[list[_MemberRun], list[MemberOutcome]]:
         """Configure, then start, every ready member: those started, and those left out
         (only with --allow-partial; otherwise a refusal is a GroupError, rolled back)."""
         loop = asyncio.get_running_loop()
         runs = [_MemberRun(member, f"{stem}/{member.name}.h5", loop.create_future())
                 for member in ready]
-        runs, refused = await self._each(runs, self._configure(general))
+        runs, refused = await self._each(runs, self._configure(general, owner))
         configuration_refused(refused, self.allow_partial)
         absent = refused
         runs, refused = await self._each(runs, self._start_member(start_pulse_id))
@@ -159,13 +169,16 @@ class Coordinator:
         except OutputPathError as error:
             raise GroupError(str(error)) from error
 
-    def _configure(self, general: Mapping[str, str]):
+    def _configure(self, general: Mapping[str, str], owner: FileOwner):
         async def configure(run: _MemberRun) -> None:
             await run.member.put("OUTPUT_FILE", run.relative_file)
             for key in ("USER", "PROCESS", "INSTRUMENT"):
                 # caproto's server fails an empty CHAR waveform put; the member writes
                 # NOT_GIVEN for an empty one anyway.
                 await run.member.put(key, general.get(key.lower()) or NOT_GIVEN)
+            # Always both, -1 too: what a member was given by hand must not last.
+            await run.member.put("FILE_UID", owner.uid)
+            await run.member.put("FILE_GID", owner.gid)
         return configure
 
     def _start_member(self, start_pulse_id: int):

@@ -26,9 +26,9 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 10.0  # a put that is not a STOP: the member answers at once
 _MONITORED = ("STATE", "LAST_FILE", "LAST_PULSE_ID")
-_PVS = ("OUTPUT_FILE", "USER", "PROCESS", "INSTRUMENT", "START_PULSE_ID", "STOP_PULSE_ID",
-        "ABORT", "STATE", "MESSAGE", "LAST_FILE", "LAST_PULSE_ID", "WRITTEN", "MISSING",
-        "LOST")
+_PVS = ("OUTPUT_FILE", "USER", "PROCESS", "INSTRUMENT", "FILE_UID", "FILE_GID",
+        "START_PULSE_ID", "STOP_PULSE_ID", "ABORT", "STATE", "MESSAGE", "LAST_FILE",
+        "LAST_PULSE_ID", "WRITTEN", "MISSING", "LOST")
 _TEXT = frozenset(("OUTPUT_FILE", "USER", "PROCESS", "INSTRUMENT", "MESSAGE", "LAST_FILE"))
 _NOTIFY_REQUESTS = (ca.WriteNotifyRequest.ID, ca.ReadNotifyRequest.ID)
 
@@ -148,11 +148,17 @@ class Member:
             await asyncio.wait((write, gone), return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
+        gone_during_put = MemberUnreachable(f"{self.prefix} disconnected during the put "
+                                            f"to {name}")
         if not write.done():
             write.cancel()
-            raise MemberUnreachable(f"{self.prefix} disconnected during the put to {name}")
+            raise gone_during_put
         try:
             response = write.result()
+        except KeyError as error:
+            # caproto wakes a put whose circuit died, then looks up the answer that never
+            # came (its read checks for a dead circuit there; its write does not).
+            raise gone_during_put from error
         except (ca.CaprotoTimeoutError, ca.CaprotoError, OSError) as error:
             raise MemberUnreachable(f"{self.prefix}{name}: {error}") from error
         if isinstance(response, ca.ErrorResponse):

@@ -14,10 +14,10 @@ from typing import Any, Awaitable, Sequence
 from caproto import AlarmSeverity, AlarmStatus
 from caproto.server import pvproperty
 
-from ..pvs.acquisition import AcquisitionPVs
+from ..pvs.acquisition import AcquisitionPVs, FileOwnerPVs
 from ..pvs.kinds import PutRejected, fill_record_fields, text_pv, write_if_changed
 from ..vocabulary import State
-from .coordinator import Coordinator, GroupError
+from .coordinator import Coordinator, FileOwner, GroupError
 from .member import Client, Member
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 MEMBERS_LENGTH = 8192  # prefixes of ~100 members
 
 
-class SfbwGroupIOC(AcquisitionPVs):
+class SfbwGroupIOC(AcquisitionPVs, FileOwnerPVs):
     """Drives many sfbw-ioc members as one acquisition with one master file."""
 
     MEMBERS = text_pv("Member prefixes, one a line", read_only=True,
@@ -92,8 +92,9 @@ class SfbwGroupIOC(AcquisitionPVs):
     async def start(self, start_pulse_id: int | None) -> None:
         general = {"user": self.USER.value, "process": self.PROCESS.value,
                    "instrument": self.INSTRUMENT.value}
+        owner = FileOwner(self.FILE_UID.value, self.FILE_GID.value)
         await self._command(self._require_coordinator().start(
-            start_pulse_id, self.OUTPUT_FILE.value, general))
+            start_pulse_id, self.OUTPUT_FILE.value, general, owner))
 
     async def stop(self, stop_pulse_id: int | None) -> None:
         await self._command(self._require_coordinator().stop(stop_pulse_id))

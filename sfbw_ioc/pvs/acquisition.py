@@ -1,7 +1,8 @@
 """The control and state PVs of whatever writes a pulse range into a file: each writer of
 the IOC (``writerpvs.WriterPVs``) and the group IOC (``group.SfbwGroupIOC``). Panels,
 sequencers and the group drive both by the same names; the put hooks here turn a put into
-a command, and the subclass says what the command does.
+a command, and the subclass says what the command does. Both also have the owner of the
+files they start (``FileOwnerPVs``).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import typing
 from caproto import ChannelType
 from caproto.server import PVGroup, pvproperty
 
+from ..output import ownership
 from ..vocabulary import State
 from .kinds import command_pv, pulse_id_error, pulse_id_pv, text_pv
 
@@ -97,3 +99,35 @@ class AcquisitionPVs(PVGroup):
         if error is not None:
             await self.reject(error)
         return int(value)
+
+
+class FileOwnerPVs(PVGroup):
+    """FILE_UID and FILE_GID: who the files and directories of the next START belong to.
+    A put checks the range only: whether the IOC may give files to them is START's to
+    say (the account may be created, or the IOC restarted with the capability,
+    meanwhile)."""
+
+    FILE_UID = pvproperty(value=ownership.KEEP, dtype=int, record="longout",
+                          doc="Owner uid of new files; -1: IOC's", alarm_group="FILE_UID")
+    FILE_GID = pvproperty(value=ownership.KEEP, dtype=int, record="longout",
+                          doc="Group gid of new files; -1: IOC's", alarm_group="FILE_GID")
+
+    async def reject(self, reason: str) -> typing.NoReturn:
+        """Fail the put with ``reason`` (told in MESSAGE)."""
+        raise NotImplementedError
+
+    @FILE_UID.putter
+    async def FILE_UID(self, instance, value: int) -> int:
+        await self._check_id(value, "FILE_UID")
+        return value
+
+    @FILE_GID.putter
+    async def FILE_GID(self, instance, value: int) -> int:
+        await self._check_id(value, "FILE_GID")
+        return value
+
+    async def _check_id(self, value: int, name: str) -> None:
+        try:
+            ownership.check_id(value, name)
+        except ownership.OwnershipError as error:
+            await self.reject(str(error))

@@ -53,11 +53,12 @@ def pv_name(group: type[PVGroup], attr: str) -> str:
 
 
 def render(group: type[PVGroup], prefix_macro: str = "$(P)",
-           aliased: str | None = None) -> str:
+           aliased: str | None = None,
+           command: str = "python -m sfbw_ioc.cli --write-db db/sfbw.db") -> str:
     """The database text for every PV of ``group``, in definition order; the PVs of its
-    SubGroup ``aliased`` also get an alias without that SubGroup's prefix."""
-    lines = [f"# Generated from {group.__module__}.{group.__qualname__}: "
-             "python -m sfbw_ioc.cli --write-db db/sfbw.db", ""]
+    SubGroup ``aliased`` also get an alias without that SubGroup's prefix. The header
+    names the ``command`` that writes the file."""
+    lines = [f"# Generated from {group.__module__}.{group.__qualname__}: {command}", ""]
     for attr, pv in group._pvs_.items():
         name = pv_name(group, attr)
         lines.append(f'record({pv.pvspec.record}, "{prefix_macro}{name}") {{')

@@ -12,7 +12,6 @@ import threading
 from typing import Any
 
 import zmq
-from caproto import AccessRights
 
 from ..acquisition.controller import AcquisitionController
 from ..bridges.rest import RestApi
@@ -25,14 +24,13 @@ from ..pvs.ca_server import Context
 from ..pvs.ioc import Backend, SfbwIOC, ioc_class
 from ..recorder import names
 from ..recorder.monitor import Recorder
+from ..serving.supervision import Supervision, UnusableAccessSecurity, load_access_security
 from ..stream import memory
 from ..stream.forward import Forwarder
 from ..stream.malformed import MalformedCounter
 from ..stream.receiver import Receiver
 from ..stream.ring import RingBuffer
 from ..stream.simulator import Simulator
-from .caprobe import PROBE_HOST, PROBE_USER, CaProbe, probe_address
-from .watchdog import Watchdog
 
 log = logging.getLogger("sfbw_ioc")
 
@@ -142,12 +140,12 @@ async def _serve(ioc: SfbwIOC, controller: AcquisitionController, args: argparse
                  run_options: dict[str, Any], supervision: Supervision) -> None:
     server = Context(ioc.pvdb, run_options["interfaces"])  # in the loop it runs in
 
+    probe = supervision.startup_hook(server, ioc.first_writer.STATE.pvname)
+
     async def startup(async_lib) -> None:
-        """The server listens now: its port is known (caproto takes another when the
-        configured one is in use), so the watchdog's probe can start."""
-        if supervision.watchdog is not None:
-            supervision.start_probe(probe_address(next(iter(server.tcp_sockets)), server.port),
-                                    ioc.first_writer.STATE.pvname)
+        """The server listens now: the watchdog's probe can start, then the IOC's own
+        start-up work."""
+        await probe(async_lib)
         await ioc.startup(async_lib)
 
     async with contextlib.AsyncExitStack() as stack:
@@ -164,49 +162,11 @@ async def _serve(ioc: SfbwIOC, controller: AcquisitionController, args: argparse
         await server.run(log_pv_names=run_options["log_pv_names"], startup_hook=startup)
 
 
-class Supervision:
-    """The watchdog and the IOC's own CA client that feeds it (none with
-    --watchdog-seconds 0). Stopped first: closing files may take a while once the loop
-    is gone, and the watchdog must not fire then."""
-
-    def __init__(self, timeout_s: float) -> None:
-        self.watchdog = Watchdog(timeout_s) if timeout_s else None
-        self._probe: CaProbe | None = None
-
-    def __enter__(self) -> Supervision:
-        if self.watchdog is not None:
-            self.watchdog.start()
-        return self
-
-    def start_probe(self, address: tuple[str, int], pvname: str) -> None:
-        assert self.watchdog is not None
-        self._probe = CaProbe(address, pvname, self.watchdog.beat)
-        self._probe.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.watchdog is not None:
-            self.watchdog.stop()
-        if self._probe is not None:
-            self._probe.stop()
-
-
 def _access_security(args: argparse.Namespace) -> access.AccessConfig | None:
-    """The --access-security file, parsed (None without the option); refused when it is
-    invalid or would blind the watchdog, whose self-check must read STATE."""
-    if args.access_security is None:
-        return None
     try:
-        config = access.load(args.access_security)
-    except (OSError, ValueError) as error:
-        raise StartupFailed(f"cannot use the access security file {args.access_security}: "
-                            f"{error}") from error
-    if (args.watchdog_seconds
-            and AccessRights.READ not in config.rights(access.DEFAULT, PROBE_HOST, PROBE_USER)):
-        raise StartupFailed(
-            f"cannot use the access security file {args.access_security}: it denies the "
-            f"watchdog's self-check (user {PROBE_USER} on host {PROBE_HOST}) reading STATE, "
-            f"in ASG {access.DEFAULT}: allow it, or give --watchdog-seconds 0")
-    return config
+        return load_access_security(args.access_security, bool(args.watchdog_seconds))
+    except UnusableAccessSecurity as error:
+        raise StartupFailed(str(error)) from error
 
 
 def _stop_on_signals() -> threading.Event:
