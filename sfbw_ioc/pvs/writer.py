@@ -23,10 +23,9 @@ from ..acquisition import naming
 from ..acquisition.controller import AcquisitionController
 from ..acquisition.selection import ChannelSelection
 from ..acquisition.status import AcquisitionFailed, Ticket
-from ..output import ownership
 from ..output.root import taken_by
 from ..vocabulary import AcquisitionError, State, Status
-from .acquisition import AcquisitionPVs
+from .acquisition import AcquisitionPVs, FileOwnerPVs
 from .kinds import PutRejected, pulse_id_pv, stat_pv, text_pv, write_if_changed
 from .recording import RecordingPVs
 
@@ -42,7 +41,7 @@ _ACCEPTED: contextvars.ContextVar[asyncio.Future | None] = contextvars.ContextVa
     "sfbw_accepted", default=None)
 
 
-class WriterPVs(RecordingPVs, AcquisitionPVs):
+class WriterPVs(RecordingPVs, AcquisitionPVs, FileOwnerPVs):
     """One writer: a file at a time, from a start to a stop pulse id."""
 
     # ---- file naming (areaDetector's) and channel selection --------------------------
@@ -58,11 +57,6 @@ class WriterPVs(RecordingPVs, AcquisitionPVs):
                                 alarm_group="AUTO_INCREMENT")
     CHANNELS = text_pv("Channels to write; empty: all", max_length=CHANNELS_LENGTH,
                         alarm_group="CHANNELS")
-    # Taken at START: the file and the directories made for it belong to them.
-    FILE_UID = pvproperty(value=ownership.KEEP, dtype=int, record="longout",
-                          doc="Owner uid of new files; -1: IOC's", alarm_group="FILE_UID")
-    FILE_GID = pvproperty(value=ownership.KEEP, dtype=int, record="longout",
-                          doc="Group gid of new files; -1: IOC's", alarm_group="FILE_GID")
 
     # ---- figures of the current (or last) file ------------------------------------
     WRITTEN = stat_pv("Messages in current file")
@@ -189,24 +183,6 @@ class WriterPVs(RecordingPVs, AcquisitionPVs):
         if not accepted.done():
             put.result()  # refused, or completed without a command
         return put
-
-    @FILE_UID.putter
-    async def FILE_UID(self, instance, value: int) -> int:
-        await self._check_id(value, "FILE_UID")
-        return value
-
-    @FILE_GID.putter
-    async def FILE_GID(self, instance, value: int) -> int:
-        await self._check_id(value, "FILE_GID")
-        return value
-
-    async def _check_id(self, value: int, name: str) -> None:
-        """Only the range here: whether the IOC may give files to it is START's to say
-        (the account may be created, or the IOC restarted with the capability, meanwhile)."""
-        try:
-            ownership.check_id(value, name)
-        except ownership.OwnershipError as error:
-            await self.reject(str(error))
 
     # ---- file naming hooks: each put composes OUTPUT_FILE anew -------------------------
 
