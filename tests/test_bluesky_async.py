@@ -4,6 +4,8 @@ catalog, every channel read back through the tiled client and compared with h5py
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from tiled.catalog import from_uri  # noqa: E402
 from tiled.client import Context, from_context  # noqa: E402
 from tiled.server.app import build_app  # noqa: E402
 
-from harness import (BsreadSource, IocProcess, PacedSender, assert_rows, poll,  # noqa: E402
+from harness import (REPO, BsreadSource, IocProcess, PacedSender, assert_rows, poll,  # noqa: E402
                      unique_prefix)
 from sfbw_ioc.bluesky import (AcquisitionFailed, AcquisitionLength, SfbwDetector,  # noqa: E402
                               SfbwFlyInfo, fly_scan)
@@ -243,3 +245,15 @@ def test_a_channel_that_changed_type_gets_a_resource_of_its_own(outputs, tmp_pat
         source.close()
         assert ioc.stop() == 0, ioc.log()
 
+
+
+def test_without_ophyd_async_the_classic_device_imports_and_the_new_one_says_why():
+    blocked = ("import sys; sys.modules['ophyd_async'] = None\n"
+               "from sfbw_ioc.bluesky import SfbwWriter\n"
+               "try:\n    from sfbw_ioc.bluesky import SfbwDetector\n"
+               "except ImportError as error:\n    print(error)\n")
+    result = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True,
+                            cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ("sfbw_ioc.bluesky.SfbwDetector needs ophyd-async: "
+                                     "pip install 'sfbw-ioc[bluesky]'")

@@ -16,7 +16,8 @@ from bluesky import RunEngine  # noqa: E402
 from bluesky.plans import count  # noqa: E402
 from bluesky.utils import FailedStatus  # noqa: E402
 
-from harness import BsreadSource, IocProcess, PacedSender, assert_rows, poll, unique_prefix  # noqa: E402
+from harness import (BsreadSource, IocProcess, PacedSender, assert_rows, poll,  # noqa: E402
+                     unique_prefix)
 from sfbw_ioc.bridges.bluesky import AcquisitionFailed, AcquisitionLength, SfbwWriter  # noqa: E402
 
 _names = (f"layer{n}" for n in itertools.count())

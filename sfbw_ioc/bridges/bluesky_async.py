@@ -317,8 +317,9 @@ def _check_same_keys(name: str, path: Path, described: list[StoredArray],
     """A step scan's events share one descriptor: every file must give its keys."""
     if set(described) != set(arrays):
         differ = sorted({a.data_key for a in set(described) ^ set(arrays)})
-        raise AcquisitionFailed(f"{name}: {path} does not have the data keys of the "
-                                f"run's first file (differing: {', '.join(differ)})")
+        raise AcquisitionFailed(f"{name}: {path} differs from the run's first file in "
+                                f"the data keys, their types or rows: {', '.join(differ)} "
+                                f"(a step scan's files need the same channels and rows)")
 
 
 def _check_every_row_described(name: str, path: Path, arrays: list[StoredArray]) -> None:
