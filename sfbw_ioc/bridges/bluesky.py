@@ -14,16 +14,22 @@
 - ``read()`` gives the file (``LAST_FILE``), its first and last pulse id and
   ``WRITTEN``, ``MISSING``, ``LOST``.
 
+Refusals fail at once with the IOC's reason on either of ophyd's control layers:
+pyepics completes a refused put (without telling), caproto's client never does, so
+there a put ends at the monitor update it causes (``_Updates``).
+
 ophyd (the ``bluesky`` extra) is needed only to use the device: without it this module
 imports and ``SfbwWriter(...)`` raises ImportError saying what to install.
 """
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from typing import Any
 
 try:
+    import ophyd
     from ophyd import Component, Device, DeviceStatus, EpicsSignal, EpicsSignalRO
     from ophyd import FormattedComponent
     from ophyd.status import Status
@@ -86,6 +92,60 @@ if _OPHYD_MISSING is None:
             description[self.name]["dtype"] = "integer"  # ophyd infers it from a float
             return description
 
+    class _Updates:
+        """The monitor updates of a PV, to end a put at the update it causes.
+
+        caproto's threading client (ophyd's caproto control layer) never completes a
+        put the IOC refuses: it drops the server's error. Each put publishes exactly
+        one update, though, once the IOC has taken or refused it (after the putter,
+        a stop's once the file is closed): on that layer a put is a plain put and the
+        next update of its PV is its completion. The updates come on a client context
+        of their own, where the subscription is the only one and its first update (the
+        value as it is) is sure to come, before any put."""
+
+        _context: Any = None
+        _of_pv: dict[str, _Updates] = {}
+        _lock = threading.Lock()
+
+        @classmethod
+        def of(cls, pvname: str, timeout: float) -> _Updates:
+            with cls._lock:
+                if cls._context is None:
+                    from caproto.threading.client import Context
+                    cls._context = Context()
+                if pvname not in cls._of_pv:
+                    cls._of_pv[pvname] = cls(pvname, timeout)
+                return cls._of_pv[pvname]
+
+        def __init__(self, pvname: str, timeout: float) -> None:
+            self._pvname = pvname
+            self._updates: queue.Queue[object] = queue.Queue()
+            (pv,) = self._context.get_pvs(pvname, timeout=timeout)
+            pv.wait_for_connection(timeout=timeout)
+            self._subscription = pv.subscribe(data_type="time")
+            # caproto keeps a weak reference: a method of this object, which is kept
+            self._subscription.add_callback(self._on_update)
+            self._next(timeout)  # the subscription's first, before any put
+
+        def _on_update(self, subscription: object, update: object) -> None:
+            self._updates.put(update)
+
+        def put(self, signal: EpicsSignal, value: Any, timeout: float) -> None:
+            # Updates of others' puts before ours are no answer to it (a put of
+            # another client's during ours would be taken for its answer: the checks
+            # after it still read what the IOC holds).
+            while not self._updates.empty():
+                self._updates.get_nowait()
+            signal.put(value, use_complete=False)
+            self._next(timeout)
+
+        def _next(self, timeout: float) -> None:
+            try:
+                self._updates.get(timeout=timeout)
+            except queue.Empty:
+                raise AcquisitionFailed(f"{self._pvname}: no answer from the IOC in "
+                                        f"{timeout} s") from None
+
     class _Setting(EpicsSignal):
         """A file-naming PV of the writer. pyepics does not report a put the IOC
         refuses (and the IOC's next command replaces its MESSAGE): ``set`` reads the
@@ -93,14 +153,13 @@ if _OPHYD_MISSING is None:
 
         def set(self, value: Any, **kwargs: Any) -> Status:
             checked = Status(self)
-            threading.Thread(target=self._set_and_check, args=(value, kwargs, checked),
+            threading.Thread(target=self._set_and_check, args=(value, checked),
                              name=f"{self.name}-set", daemon=True).start()
             return checked
 
-        def _set_and_check(self, value: Any, kwargs: dict[str, Any],
-                           checked: Status) -> None:
+        def _set_and_check(self, value: Any, checked: Status) -> None:
             try:
-                super().set(value, **kwargs).wait()
+                self.parent._put(self, value)
                 if self.get() != value:
                     raise AcquisitionFailed(f"{self.pvname} refused {value!r}: "
                                             f"{self.parent.message.get()}")
@@ -251,9 +310,13 @@ if _OPHYD_MISSING is None:
                 self._put(self.stop_pulse_id, first + length.pulses - 1)
 
         def _put(self, signal: EpicsSignal, value: Any) -> None:
-            """Put and wait for completion. pyepics does not tell a refused put: the
-            checks after it read the IOC's STATE and MESSAGE."""
-            signal.set(value, timeout=self.timeout).wait()
+            """Put and wait until the IOC has taken or refused it. Neither control
+            layer tells a refused put: the checks after it read what the IOC shows."""
+            if ophyd.cl.name != "caproto":
+                # EpicsSignal's own: a _Setting's set() is this put and its check
+                EpicsSignal.set(signal, value, timeout=self.timeout).wait()
+                return
+            _Updates.of(signal.setpoint_pvname, self.timeout).put(signal, value, self.timeout)
 
         def _check_started(self, before: str) -> None:
             state = self.state.get()

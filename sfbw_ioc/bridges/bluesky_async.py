@@ -1,0 +1,351 @@
+"""An ophyd-async device for one writer of the IOC, whose documents lead a reader (tiled,
+through bluesky's TiledWriter) to the data written, not only to the file.
+
+``SfbwDetector("SFBW:", name="sfbw")`` drives writer 1 (``writer="W2:"`` another one),
+over Channel Access (ophyd-async's aioca signals). It takes the arguments of the classic
+``SfbwWriter`` and, like it:
+
+- ``stage()`` sets the file-naming PVs given, ``unstage()`` puts back what they (and
+  ``CHANNELS``) were, after an ``ABORT`` if a file is still being written;
+- ``trigger()`` writes one file of the configured length (``AcquisitionLength``): one
+  event of a step scan, whose every data key holds all the file's rows.
+
+As a flyer, ``prepare(SfbwFlyInfo(...))`` sets the channels, naming and length,
+``kickoff()`` starts the file, ``complete()`` ends it (at the stop pulse, or with
+``STOP_NOW`` after the seconds) and waits until it is closed; then the stream can be
+declared and collected, one event per pulse row (``fly_scan`` is that plan). The
+documents are ``streamed``'s: a StreamResource per dataset and its StreamDatum.
+
+Every refusal of the IOC (a naming PV, a start, a stop) fails at once with the IOC's
+``MESSAGE``. The put's completion comes back at once, but not always its failure:
+aioca's CANothing is false as a bool, and the retry wrapper of ophyd-async's
+``Signal.set`` (stamina over tenacity over a ``concurrent.futures.Future``, which tests
+an exception by truth) drops it. So every put is checked by what the IOC shows after it,
+as the classic device does for pyepics.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from aioca import CANothing
+from bluesky import plan_stubs as bps
+from bluesky import preprocessors as bpp
+from bluesky.protocols import Reading, StreamAsset
+from bluesky.utils import MsgGenerator
+from event_model import DataKey
+from ophyd_async.core import AsyncStatus, Device, SignalR, SignalRW, SignalW
+from ophyd_async.epics.core import epics_signal_r, epics_signal_rw, epics_signal_w
+
+from .bluesky import RUNNING_STATES, AcquisitionFailed, AcquisitionLength
+from .streamed import Mode, StoredArray, resource_documents, stored_arrays
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SfbwDetector", "SfbwFlyInfo", "fly_scan"]
+
+
+@dataclass(frozen=True)
+class SfbwFlyInfo:
+    """What ``prepare`` sets for the next fly scan; None leaves a setting as it is."""
+
+    length: AcquisitionLength | None = None
+    channels: Sequence[str] | None = None  # names or shell patterns; () : every channel
+    file_name: str | None = None
+    file_path: str | None = None
+
+
+class SfbwDetector(Device):
+    """One writer of an sfbw-ioc as a Bluesky detector (step scans) and flyer."""
+
+    def __init__(self, prefix: str, *, name: str = "", writer: str = "",
+                 length: AcquisitionLength | None = None,
+                 file_path: str | None = None, file_name: str | None = None,
+                 file_template: str | None = None, auto_increment: bool = True,
+                 timeout: float = 600.0) -> None:
+        """``length``: what a trigger or fly scan writes (default 100 pulses).
+        ``file_*``: the naming PVs' values while staged (None: the IOC's as they are).
+        ``timeout``: the longest a put may take, a stop's until the file is closed."""
+        pv = prefix + writer
+        self.file_template = epics_signal_rw(str, pv + "FILE_TEMPLATE")
+        self.file_path = epics_signal_rw(str, pv + "FILE_PATH")
+        self.file_name = epics_signal_rw(str, pv + "FILE_NAME")
+        self.auto_increment = epics_signal_rw(str, pv + "AUTO_INCREMENT")
+        self.channels = epics_signal_rw(str, pv + "CHANNELS")
+        self.start_pulse_id = epics_signal_rw(int, pv + "START_PULSE_ID")
+        self.stop_pulse_id = epics_signal_rw(int, pv + "STOP_PULSE_ID")
+        self.start_now = epics_signal_w(str, pv + "START_NOW")
+        self.stop_now = epics_signal_w(str, pv + "STOP_NOW")
+        self.abort = epics_signal_w(str, pv + "ABORT")
+        self.state = epics_signal_r(str, pv + "STATE")
+        self.message = epics_signal_r(str, pv + "MESSAGE")
+        self.last_file = epics_signal_r(str, pv + "LAST_FILE")
+        self.first_pulse_id = epics_signal_r(int, pv + "FILE_FIRST_PULSE_ID")
+        self.last_pulse_id = epics_signal_r(int, pv + "FILE_LAST_PULSE_ID")
+        self.written = epics_signal_r(int, pv + "WRITTEN")
+        self.missing = epics_signal_r(int, pv + "MISSING")
+        self.lost = epics_signal_r(int, pv + "LOST")
+        self.stream_pulse_id = epics_signal_r(int, prefix + "LAST_PULSE_ID")  # the IOC's
+        self.length = length or AcquisitionLength(pulses=100)
+        self.timeout = timeout
+        self._staged_naming = {signal: value for signal, value in (
+            (self.file_template, file_template), (self.file_path, file_path),
+            (self.file_name, file_name),
+            (self.auto_increment, "Yes" if auto_increment else "No")) if value is not None}
+        self._restore: dict[SignalRW, Any] = {}
+        self._pending: list[StreamAsset] = []
+        self._step_arrays: list[StoredArray] | None = None
+        self._fly_arrays: list[StoredArray] | None = None
+        self._kicked_off: tuple[str, int | None] | None = None  # (LAST_FILE before, first)
+        super().__init__(name=name)
+
+    # ---- stage, unstage, prepare -----------------------------------------------------
+
+    @AsyncStatus.wrap
+    async def stage(self) -> None:
+        self._step_arrays = self._fly_arrays = self._kicked_off = None
+        self._pending.clear()
+        try:
+            for signal, value in self._staged_naming.items():
+                await self._change(signal, value)
+        except BaseException:
+            await self._put_back()
+            raise
+
+    @AsyncStatus.wrap
+    async def unstage(self) -> None:
+        await self._abort_if_running()
+        await self._put_back()
+
+    @AsyncStatus.wrap
+    async def prepare(self, value: SfbwFlyInfo) -> None:
+        if value.channels is not None:
+            await self._change(self.channels, " ".join(value.channels))
+        for signal, setting in ((self.file_name, value.file_name),
+                                (self.file_path, value.file_path)):
+            if setting is not None:
+                await self._change(signal, setting)
+        if value.length is not None:
+            self.length = value.length
+        self._fly_arrays = self._kicked_off = None
+
+    async def _change(self, signal: SignalRW, value: Any) -> None:
+        """Set a setting for the time the device is staged (``unstage`` puts it back)."""
+        if signal not in self._restore:
+            self._restore[signal] = await signal.get_value()
+        await self._set(signal, value)
+
+    async def _put_back(self) -> None:
+        restore, self._restore = self._restore, {}
+        for signal, value in restore.items():
+            await self._set(signal, value)
+
+    async def _set(self, signal: SignalRW, value: Any) -> None:
+        await self._put(signal, value, "refused")
+        if await signal.get_value() != value:
+            await self._refused(signal, value, "refused")
+
+    # ---- step scans: a file per trigger ------------------------------------------------
+
+    @AsyncStatus.wrap
+    async def trigger(self) -> None:
+        before = await self.last_file.get_value()
+        path = await self._stop(before, await self._start(before))
+        arrays = stored_arrays(path, self.name)
+        if self._step_arrays is None:
+            self._step_arrays = arrays
+        else:
+            _check_same_keys(self.name, path, self._step_arrays, arrays)
+        self._pending = list(resource_documents(path, arrays, Mode.STEP))
+
+    async def describe(self) -> dict[str, DataKey]:
+        keys = await self._describe_signals()
+        if self._step_arrays is None:
+            raise AcquisitionFailed(f"{self.name}: describe() before the first trigger(): "
+                                    f"the data keys are those of the file it writes")
+        keys.update(self._data_keys(self._step_arrays, Mode.STEP))
+        return keys
+
+    async def read(self) -> dict[str, Reading]:
+        readings: dict[str, Reading] = {}
+        for signal in self._read_signals():
+            readings.update(await signal.read(cached=False))
+        return readings
+
+    def _read_signals(self) -> list[SignalR]:
+        return [self.last_file, self.first_pulse_id, self.last_pulse_id, self.written,
+                self.missing, self.lost]
+
+    async def _describe_signals(self) -> dict[str, DataKey]:
+        keys: dict[str, DataKey] = {}
+        for signal in self._read_signals():
+            keys.update(await signal.describe())
+        return keys
+
+    def _data_keys(self, arrays: list[StoredArray], mode: Mode) -> dict[str, DataKey]:
+        source = self.last_file.source
+        return {array.data_key: array.data_key_description(mode, source) for array in arrays}
+
+    async def describe_configuration(self) -> dict[str, DataKey]:
+        keys: dict[str, DataKey] = {}
+        for signal in self._configuration_signals():
+            keys.update(await signal.describe())
+        return keys
+
+    async def read_configuration(self) -> dict[str, Reading]:
+        readings: dict[str, Reading] = {}
+        for signal in self._configuration_signals():
+            readings.update(await signal.read(cached=False))
+        return readings
+
+    def _configuration_signals(self) -> list[SignalR]:
+        return [self.file_template, self.file_path, self.file_name, self.auto_increment,
+                self.channels]
+
+    # ---- fly scans: a file, an event per row ---------------------------------------
+
+    @AsyncStatus.wrap
+    async def kickoff(self) -> None:
+        self._fly_arrays = None
+        before = await self.last_file.get_value()
+        self._kicked_off = (before, await self._start(before))
+
+    @AsyncStatus.wrap
+    async def complete(self) -> None:
+        if self._kicked_off is None:
+            raise AcquisitionFailed(f"{self.name}: complete() without kickoff()")
+        (before, first), self._kicked_off = self._kicked_off, None
+        path = await self._stop(before, first)
+        arrays = stored_arrays(path, self.name)
+        _check_every_row_described(self.name, path, arrays)
+        self._fly_arrays = arrays
+        self._pending = list(resource_documents(path, arrays, Mode.FLY))
+
+    async def describe_collect(self) -> dict[str, DataKey]:
+        if self._fly_arrays is None:
+            raise AcquisitionFailed(
+                f"{self.name}: describe_collect() before complete(): the data keys are "
+                f"those of the file, known once it is closed (declare the stream after "
+                f"complete, as fly_scan does)")
+        return self._data_keys(self._fly_arrays, Mode.FLY)
+
+    async def collect_asset_docs(self, index: int | None = None
+                                 ) -> AsyncIterator[StreamAsset]:
+        pending, self._pending = self._pending, []
+        for document in pending:
+            yield document
+
+    async def get_index(self) -> int:
+        if not self._fly_arrays:
+            return 0
+        return self._fly_arrays[0].rows
+
+    # ---- one acquisition: start, stop, the file closed ---------------------------------
+
+    async def _start(self, before: str) -> int | None:
+        """Start; the first pulse id when the length is counted in pulses."""
+        length, first = self.length, None
+        if length.seconds is not None:
+            signal, value = self.start_now, "Do"
+        elif length.pulse_range is not None:
+            signal, value = self.start_pulse_id, length.pulse_range[0]
+        else:
+            newest = await self.stream_pulse_id.get_value()
+            if newest == 0:
+                raise AcquisitionFailed(f"{self.name}: the IOC has received no stream "
+                                        f"yet (LAST_PULSE_ID is 0)")
+            signal, value = self.start_pulse_id, newest + 1
+            first = value
+        await self._put(signal, value, "start refused")
+        state = await self.state.get_value()
+        if state not in RUNNING_STATES and not (
+                state == "IDLE" and await self.last_file.get_value() != before):
+            await self._refused(signal, value, "start refused")
+        return first
+
+    async def _stop(self, before: str, first: int | None) -> Path:
+        """Stop as the length says; the file, once closed."""
+        length = self.length
+        if length.seconds is not None:
+            await asyncio.sleep(length.seconds)  # the acquisition's length
+            await self._put(self.stop_now, "Do", "stop refused")
+        elif length.pulse_range is not None:
+            await self._put(self.stop_pulse_id, length.pulse_range[1], "stop refused")
+        else:
+            assert first is not None and length.pulses is not None
+            await self._put(self.stop_pulse_id, first + length.pulses - 1, "stop refused")
+        state, last_file = await self.state.get_value(), await self.last_file.get_value()
+        if state == "ERROR":
+            raise AcquisitionFailed(f"{self.name}: writing failed: "
+                                    f"{await self.message.get_value()}")
+        if state in RUNNING_STATES:
+            message = await self.message.get_value()
+            await self._abort_if_running()
+            raise AcquisitionFailed(f"{self.name}: stop refused: {message}")
+        if last_file == before:
+            raise AcquisitionFailed(f"{self.name}: no file was closed: "
+                                    f"{await self.message.get_value()}")
+        return Path(last_file)
+
+    async def _put(self, signal: SignalW, value: Any, refusal: str) -> None:
+        """Put and wait for its completion (a stop's: the file closed); a refusal
+        fails with the IOC's reason."""
+        try:
+            await signal.set(value, timeout=self.timeout)
+        except CANothing as error:
+            await self._refused(signal, value, refusal, error)
+
+    async def _refused(self, signal: SignalW, value: Any, refusal: str,
+                       error: Exception | None = None) -> NoReturn:
+        reason = await self.message.get_value()
+        log.warning("%s: %s %s %r: %s", self.name, signal.source, refusal, value, reason)
+        raise AcquisitionFailed(f"{signal.source.removeprefix('ca://')} {refusal} "
+                                f"{value!r}: {reason}") from error
+
+    async def _abort_if_running(self) -> None:
+        if await self.state.get_value() in RUNNING_STATES:
+            log.info("%s: aborting the running acquisition", self.name)
+            await self._put(self.abort, "Do", "abort refused")
+
+
+def _check_same_keys(name: str, path: Path, described: list[StoredArray],
+                     arrays: list[StoredArray]) -> None:
+    """A step scan's events share one descriptor: every file must give its keys."""
+    if set(described) != set(arrays):
+        differ = sorted({a.data_key for a in set(described) ^ set(arrays)})
+        raise AcquisitionFailed(f"{name}: {path} differs from the run's first file in "
+                                f"the data keys, their types or rows: {', '.join(differ)} "
+                                f"(a step scan's files need the same channels and rows)")
+
+
+def _check_every_row_described(name: str, path: Path, arrays: list[StoredArray]) -> None:
+    """A fly scan's events are the file's rows: every data key needs all of them, which
+    an earlier definition (``data(k)``) of a channel that changed type does not have."""
+    rows = max((array.rows for array in arrays), default=0)
+    short = [array for array in arrays if array.rows != rows]
+    if short:
+        raise AcquisitionFailed(
+            f"{name}: {path}: {', '.join(a.dataset for a in short)} hold the rows before "
+            f"a change of type only, and a fly scan's events are all {rows} rows of the "
+            f"file; read them from the file, or write such a file in a step scan")
+
+
+def fly_scan(detector: SfbwDetector, info: SfbwFlyInfo | None = None, *,
+             stream: str = "primary", md: dict[str, Any] | None = None) -> MsgGenerator:
+    """One file as a fly scan: an event per pulse row in ``stream``."""
+
+    @bpp.stage_decorator([detector])
+    @bpp.run_decorator(md=md)
+    def inner() -> MsgGenerator:
+        yield from bps.prepare(detector, info or SfbwFlyInfo(), wait=True)
+        yield from bps.kickoff(detector, wait=True)
+        yield from bps.complete(detector, wait=True)
+        # The data keys are the file's: known once it is closed.
+        yield from bps.declare_stream(detector, name=stream, collect=True)
+        yield from bps.collect(detector, name=stream)
+
+    return (yield from inner())
