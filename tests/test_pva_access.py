@@ -15,7 +15,7 @@ import pytest
 
 from other_users import SoftIoc, run_as, tools_for_everyone, unix_users
 from pva_clients import TOOL_TIMEOUT_S, PvaPorts, pva_ioc
-from sfbw_ioc.service.caprobe import PROBE_USER
+from sfbw_ioc.serving.caprobe import PROBE_USER
 from sfbw_ioc.testing.ioc import ca_client_environment, unique_prefix
 
 CONTROL_PV = "IMAGE:RATE"  # an ao in ASG CONTROL on both, harmless to change
