@@ -17,8 +17,8 @@ from bluesky import RunEngine  # noqa: E402
 from bluesky.plans import count  # noqa: E402
 from bluesky.utils import FailedStatus  # noqa: E402
 
-from sfbw_ioc.testing.ioc import REPO, IocProcess, poll, unique_prefix  # noqa: E402
-from sfbw_ioc.testing.sources import BsreadSource, PacedSender  # noqa: E402
+from sfbw_ioc.testing.ioc import REPO  # noqa: E402
+from sfbw_ioc.testing.sources import paced_ioc  # noqa: E402
 from sfbw_ioc.testing.files import assert_rows  # noqa: E402
 from sfbw_ioc.bridges.bluesky import AcquisitionFailed, AcquisitionLength, SfbwWriter  # noqa: E402
 
@@ -28,17 +28,9 @@ _names = (f"run{n}" for n in itertools.count())
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, ca_ports):
     root = tmp_path_factory.mktemp("bluesky")
-    source = BsreadSource()
-    ioc = IocProcess(ca_ports(), unique_prefix("BSKY"),
-                     ["--stream", source.address, "--output-root", str(root)],
-                     tmp_path_factory.mktemp("log") / "ioc.log")
-    sender = PacedSender(source, first=50_000_000_000, rate_hz=100.0)
-    sender.start()
-    poll(lambda: ioc.get("LAST_PULSE_ID") > 0, what="the stream at the IOC")
-    yield ioc, root
-    sender.finish()
-    source.close()
-    assert ioc.stop() == 0, ioc.log()
+    with paced_ioc(ca_ports(), "BSKY", root, tmp_path_factory.mktemp("log") / "ioc.log",
+                   first_pulse_id=50_000_000_000) as ioc:
+        yield ioc, root
 
 
 @pytest.fixture

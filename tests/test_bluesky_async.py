@@ -29,7 +29,7 @@ from tiled.server.app import build_app  # noqa: E402
 
 from sfbw_ioc.testing.files import assert_rows  # noqa: E402
 from sfbw_ioc.testing.ioc import REPO, IocProcess, poll, unique_prefix  # noqa: E402
-from sfbw_ioc.testing.sources import BsreadSource, PacedSender  # noqa: E402
+from sfbw_ioc.testing.sources import BsreadSource, paced_ioc  # noqa: E402
 from sfbw_ioc.bluesky import (AcquisitionFailed, AcquisitionLength, SfbwDetector,  # noqa: E402
                               SfbwFlyInfo, fly_scan)
 from sfbw_ioc.bsread import ChannelSpec  # noqa: E402
@@ -49,17 +49,9 @@ def outputs(tmp_path_factory):
 def setup(outputs, tmp_path_factory, ca_ports):
     root = outputs / "main"
     root.mkdir()
-    source = BsreadSource()
-    ioc = IocProcess(ca_ports(), unique_prefix("BSKA"),
-                     ["--stream", source.address, "--output-root", str(root)],
-                     tmp_path_factory.mktemp("log") / "ioc.log")
-    sender = PacedSender(source, first=60_000_000_000, rate_hz=100.0)
-    sender.start()
-    poll(lambda: ioc.get("LAST_PULSE_ID") > 0, what="the stream at the IOC")
-    yield ioc, root
-    sender.finish()
-    source.close()
-    assert ioc.stop() == 0, ioc.log()
+    with paced_ioc(ca_ports(), "BSKA", root, tmp_path_factory.mktemp("log") / "ioc.log",
+                   first_pulse_id=60_000_000_000) as ioc:
+        yield ioc, root
 
 
 @pytest.fixture(scope="module")

@@ -218,3 +218,18 @@ def streaming_ioc(port: int, tag: str, root: Path, log_path: Path,
     finally:
         source.close()
         assert ioc.stop() == 0, ioc.log()
+
+
+@contextlib.contextmanager
+def paced_ioc(port: int, tag: str, root: Path, log_path: Path,
+              first_pulse_id: int) -> Iterator[IocProcess]:
+    """An IOC receiving a 100 Hz stream of CHANNELS from ``first_pulse_id`` on, once its
+    first message is in; at the end the stream stops and the IOC must exit 0."""
+    with streaming_ioc(port, tag, root, log_path) as (ioc, source):
+        sender = PacedSender(source, first=first_pulse_id, rate_hz=100.0)
+        sender.start()
+        try:
+            poll(lambda: ioc.get("LAST_PULSE_ID") > 0, what="the stream at the IOC")
+            yield ioc
+        finally:
+            sender.finish()
