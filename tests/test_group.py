@@ -18,6 +18,7 @@ import pytest
 from sfbw_ioc.testing.ioc import EPICS_BIN, IocProcess, caput_binary, poll, unique_prefix
 from sfbw_ioc.testing.sources import BsreadSource, CommonPulseStreams, member_channels
 from sfbw_ioc.testing.files import assert_rows
+from sfbw_ioc.testing.pva import PvaPorts
 
 FIRST_PULSE_ID = 20_000_000_000  # above 2**31, as at SwissFEL
 
@@ -41,9 +42,12 @@ def setup(tmp_path_factory, ca_ports):
                for index in range(len(sources))]
     group_root = tmp_path_factory.mktemp("group")
     member_args = [arg for m in members for arg in ("--member", m.prefix)]
+    pva = PvaPorts()
     group = IocProcess(ca_ports(), unique_prefix("GRP"),
                        [*member_args, "--output-root", str(group_root)],
-                       logs / "group.log", module="sfbw_ioc.group.cli")
+                       logs / "group.log", module="sfbw_ioc.group.cli",
+                       wrapper=pva.server_wrapper())
+    group.pva = pva
     group.wait_for("MEMBERS_CONNECTED", 3)
     yield group, members, roots, group_root, streams, start_member
     streams.halt()
@@ -378,3 +382,17 @@ def test_members_with_the_same_file_name_are_refused(tmp_path):
         group_cli.main(["--member", "X:CAM:", "--member", "X_CAM:",
                         "--output-root", str(tmp_path)])
     assert exit_.value.code == 2
+
+
+def test_the_group_serves_its_pvs_over_pva_too(setup):
+    """The same PVs and values over PV Access as over Channel Access (p4p's client)."""
+    group = setup[0]
+    context = group.pva.context()
+    try:
+        poll(lambda: context.get(group.pv("MEMBERS_CONNECTED")) == group.get("MEMBERS_CONNECTED")
+             == 3, what="every member connected, the same over PVA and CA")
+        assert context.get(group.pv("MEMBERS")).raw.value == group.text("MEMBERS")
+        state = context.get(group.pv("STATE"))
+        assert state.raw.value.choices[state.raw.value.index] == group.get("STATE", as_string=True)
+    finally:
+        context.close()
