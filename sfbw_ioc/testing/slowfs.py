@@ -96,6 +96,10 @@ def _operations(backing: Path, device: _Device):
             os.unlink(self._path(path))
             return 0
 
+        def link(self, target, source):  # mfusepy's order: the new name first
+            os.link(self._path(source), self._path(target))
+            return 0
+
         def rename(self, old, new):
             os.rename(self._path(old), self._path(new))
             return 0
