@@ -36,6 +36,8 @@ setup(
             "ophyd>=1.11",
             "bluesky>=1.15",
             "ophyd-async[ca]>=0.21,<1",
+            # tests/test_slow_disk.py's FUSE file system (libfuse 3: .ci/run installs fuse3)
+            "mfusepy>=3.1",
             # tiled's own catalog and server in process, for bluesky's TiledWriter
             "tiled[server,client]>=0.2.20",
         ],

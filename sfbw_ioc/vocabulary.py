@@ -45,3 +45,5 @@ class Status:
     first_pulse_id: int | None = None  # first row written
     last_pulse_id: int | None = None  # last row written
     last_timestamp_ns: int | None = None  # its bsread global timestamp
+    # Seconds since the oldest message the writer has yet to take arrived (0: none waits)
+    writer_lag: float = 0.0

@@ -312,7 +312,8 @@ class AcquisitionController:
             self._published.change(state=State.WRITING, written=acquisition.file.rows,
                                    first_pulse_id=rows[0].pulse_id if first is None else first,
                                    last_pulse_id=rows[-1].pulse_id,
-                                   last_timestamp_ns=acquisition.timestamps[-1])
+                                   last_timestamp_ns=acquisition.timestamps[-1],
+                                   writer_lag=self._ring.age(acquisition.cursor))
 
     def _cut(self, acquisition: _Acquisition, bounds: Bounds) -> None:
         """Drop the rows past a stop that arrived after them."""
@@ -345,8 +346,9 @@ class AcquisitionController:
         acquisition.file.flush()
         acquisition.last_flush = now
         file_bytes, missing = acquisition.file.file_bytes, self._missing(acquisition, False)
+        lag = self._ring.age(acquisition.cursor)
         with self._lock:
-            self._published.change(file_bytes=file_bytes, missing=missing)
+            self._published.change(file_bytes=file_bytes, missing=missing, writer_lag=lag)
 
     def _finish(self, acquisition: _Acquisition, reason: str) -> None:
         missing = self._missing(acquisition, final=True)
@@ -363,7 +365,7 @@ class AcquisitionController:
             self._active = None
             status = self._published.change(state=State.IDLE, message=message,
                                             last_file=str(path), written=rows,
-                                            file_bytes=file_bytes)
+                                            file_bytes=file_bytes, writer_lag=0.0)
         log.info("%s", message)
         acquisition.closed.set_result(status)
 

@@ -63,6 +63,11 @@ class WriterPVs(RecordingPVs, AcquisitionPVs, FileOwnerPVs):
     MISSING = stat_pv("Pulses missing in range")
     LOST = stat_pv("Messages lost by writer")
     FILE_BYTES = stat_pv("Size of current file", units="B")
+    # MINOR from HIGH, MAJOR from HIHI (the ai record's fields, operator-settable): the
+    # defaults leave the ring seconds of backlog before LOST begins at camera rates.
+    WRITER_LAG = pvproperty(value=0.0, dtype=float, precision=2, units="s", record="ai",
+                            read_only=True, upper_warning_limit=2.0, upper_alarm_limit=5.0,
+                            alarm_group="WRITER_LAG", doc="Writer behind the stream")
     FILE_FIRST_PULSE_ID = pulse_id_pv("First pulse id in file", read_only=True,
                                       alarm_group="stats")
     FILE_LAST_PULSE_ID = pulse_id_pv("Last pulse id in file", read_only=True,
@@ -141,11 +146,26 @@ class WriterPVs(RecordingPVs, AcquisitionPVs, FileOwnerPVs):
             if self._running_composed and self.AUTO_INCREMENT.value == "Yes":
                 await self._set_number(self.FILE_NUMBER.value + 1)
 
+    async def _publish_lag(self, lag: float) -> None:
+        data = self.WRITER_LAG
+        if lag >= data.upper_alarm_limit > 0:
+            severity = AlarmSeverity.MAJOR_ALARM
+        elif lag >= data.upper_warning_limit > 0:
+            severity = AlarmSeverity.MINOR_ALARM
+        else:
+            severity = AlarmSeverity.NO_ALARM
+        if data.value != lag or data.severity != severity:
+            await data.write(lag, severity=severity, status=(
+                AlarmStatus.NO_ALARM if severity is AlarmSeverity.NO_ALARM
+                else AlarmStatus.HIGH if severity is AlarmSeverity.MINOR_ALARM
+                else AlarmStatus.HIHI))
+
     async def _publish_figures(self, status: Status) -> None:
         await write_if_changed(self.WRITTEN, status.written)
         await write_if_changed(self.MISSING, status.missing)
         await write_if_changed(self.LOST, status.lost)
         await write_if_changed(self.FILE_BYTES, status.file_bytes)
+        await self._publish_lag(status.writer_lag)
         # 0 until the (current) file has a row
         await write_if_changed(self.FILE_FIRST_PULSE_ID, status.first_pulse_id or 0)
         await write_if_changed(self.FILE_LAST_PULSE_ID, status.last_pulse_id or 0)

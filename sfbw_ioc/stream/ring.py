@@ -8,6 +8,7 @@ before it read them.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -58,6 +59,7 @@ class RingBuffer:
         # Bytes appended since start, as of the end of each slot's message: what waits
         # behind a reader's cursor is one subtraction, however many messages it is.
         self._appended_after: list[int] = [0] * max_messages
+        self._arrived_at: list[float] = [0.0] * max_messages  # time.monotonic()
         self._appended = 0
         self._oldest_seq = 0
         self._next_seq = 0
@@ -71,6 +73,7 @@ class RingBuffer:
 
     def extend(self, messages: Sequence[RawMessage]) -> None:
         """Store messages in order, evicting the oldest as needed; wakes readers once."""
+        now = time.monotonic()
         with self._cond:
             for message in messages:
                 # A single message larger than the whole byte budget is still kept,
@@ -83,6 +86,7 @@ class RingBuffer:
                 self._slots[self._next_seq % self.max_messages] = message
                 self._appended += message.nbytes
                 self._appended_after[self._next_seq % self.max_messages] = self._appended
+                self._arrived_at[self._next_seq % self.max_messages] = now
                 self._next_seq += 1
                 self._nbytes += message.nbytes
             self._cond.notify_all()
@@ -158,6 +162,15 @@ class RingBuffer:
         """Bytes of the messages held from ``from_seq`` (or the oldest held) on."""
         with self._cond:
             return self._bytes_from(from_seq)
+
+    def age(self, seq: int) -> float:
+        """Seconds since the message ``seq`` (or the oldest held, when ``seq`` was
+        dropped) arrived; 0 when no such message has arrived yet."""
+        with self._cond:
+            first = max(seq, self._oldest_seq)
+            if first >= self._next_seq:
+                return 0.0
+            return time.monotonic() - self._arrived_at[first % self.max_messages]
 
     def clear(self) -> None:
         """Drop every message (another stream begins); seqs go on from where they were."""
