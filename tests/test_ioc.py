@@ -279,6 +279,20 @@ def test_refused_puts_explain_and_leave_the_acquisition_running(ioc, source, roo
     assert_rows(root / "refusals.h5", list(range(base + 100, base + 105)))
 
 
+def test_start_now_after_the_stop_set_while_idle_is_refused(ioc, source, root):
+    base = next(_bases)
+    source.send_range(base, base + 20)
+    wait_received(ioc, base + 20)
+    ioc.put("OUTPUT_FILE", "after_stop.h5")
+    ioc.put("STOP_PULSE_ID", base + 10)  # idle: kept, and already in the past
+    result = caput_binary("-c", ioc.pv("START_NOW"), "1", ca_timeout=30)
+    assert result.returncode != 0, (result.stdout, result.stderr)
+    assert "is after the stop already set" in ioc.text("MESSAGE"), ioc.text("MESSAGE")
+    assert ioc.get("STATE") == 0
+    assert not (root / "after_stop.h5").exists()
+    assert not (root / "after_stop.h5.partial").exists()
+
+
 def test_put_callback_on_stop_returns_only_when_the_file_is_complete(ioc, source, root):
     base = next(_bases)
     ioc.put("OUTPUT_FILE", "callback.h5")

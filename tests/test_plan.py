@@ -163,6 +163,21 @@ def test_a_start_on_or_before_the_stop_set_while_idle_is_taken():
     refuse_start(False, None, PULSE0, None)
 
 
+def test_a_start_now_after_the_stop_set_while_idle_is_refused():
+    # The next message comes after the newest: a stop on or before it leaves no row.
+    for newest in (PULSE0, PULSE0 + 10):
+        with pytest.raises(AcquisitionError,
+                           match=f"start now \\(the stream is at pulse {newest}\\) is "
+                                 f"after the stop already set \\({PULSE0}\\)"):
+            refuse_start(False, None, None, PULSE0, newest)
+
+
+def test_a_start_now_before_the_stop_set_while_idle_is_taken():
+    refuse_start(False, None, None, PULSE0, PULSE0 - 1)
+    refuse_start(False, None, None, PULSE0, None)  # nothing received yet: the stop bounds it
+    refuse_start(False, None, None, None, PULSE0)
+
+
 def test_a_stop_while_idle_is_kept_and_stop_now_is_refused():
     assert stop_while_idle(PULSE0) == PULSE0
     with pytest.raises(AcquisitionError, match="no acquisition is running: nothing to stop"):

@@ -112,7 +112,7 @@ class AcquisitionController:
         """
         with self._lock:
             refuse_start(self._starting, self._running_status(), start_pulse_id,
-                         self._pending_stop)
+                         self._pending_stop, self._ring.stats().newest_pulse_id)
             self._starting = True
             created = self._next_created
         # The disk is touched without the lock: status() must stay instant for the IOC.

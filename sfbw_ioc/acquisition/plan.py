@@ -127,17 +127,26 @@ class Bounds:
 
 
 def refuse_start(starting: bool, running: Status | None, start_pulse_id: int | None,
-                 pending_stop: int | None) -> None:
+                 pending_stop: int | None, newest_pulse_id: int | None = None) -> None:
     """AcquisitionError when a START cannot be taken: another one is opening its file,
-    an acquisition runs (``running``: its status), or it is after the stop set while idle."""
+    an acquisition runs (``running``: its status), or it is after the stop set while idle.
+    A START_NOW (``start_pulse_id`` None) begins after the ring's newest pulse
+    (``newest_pulse_id``), so it is after a stop on or before that pulse: its file
+    could never get a row."""
     if starting:
         raise AcquisitionError("another START is being carried out")
     if running is not None:
         raise AcquisitionError(f"an acquisition is running ({running.state.name}, "
                                f"{running.file}): STOP or ABORT it first")
-    if start_pulse_id is not None and pending_stop is not None and pending_stop < start_pulse_id:
+    if pending_stop is None:
+        return
+    if start_pulse_id is not None and pending_stop < start_pulse_id:
         raise AcquisitionError(
             f"start {start_pulse_id} is after the stop already set ({pending_stop})")
+    if start_pulse_id is None and newest_pulse_id is not None and pending_stop <= newest_pulse_id:
+        raise AcquisitionError(
+            f"start now (the stream is at pulse {newest_pulse_id}) is after the stop "
+            f"already set ({pending_stop})")
 
 
 def stop_while_idle(stop_pulse_id: int | None) -> int:
