@@ -291,6 +291,11 @@ def test_start_now_after_the_stop_set_while_idle_is_refused(ioc, source, root):
     assert ioc.get("STATE") == 0
     assert not (root / "after_stop.h5").exists()
     assert not (root / "after_stop.h5.partial").exists()
+    # A start before the stop takes it (and the fixture's ABORT ends it): no stop is
+    # left pending for the next test.
+    ioc.put("START_PULSE_ID", base + 5)
+    wait_idle_with(ioc, root / "after_stop.h5")
+    assert_rows(root / "after_stop.h5", list(range(base + 5, base + 11)))
 
 
 def test_put_callback_on_stop_returns_only_when_the_file_is_complete(ioc, source, root):
