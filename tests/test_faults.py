@@ -674,3 +674,29 @@ def _rss_mib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) // 1024
     raise AssertionError("no VmRSS")
+
+
+# ---- a stream nobody hears (issue 26.6b) --------------------------------------------------
+
+def test_an_unresolved_stream_host_raises_the_stream_alarm(iocs, tmp_path):
+    ioc = iocs(["--stream", "tcp://nohost.invalid:9000", "--output-root", str(tmp_path)])
+    ioc.wait_for("STREAM_STATUS", 3)  # UNRESOLVED
+    assert epics.PV(ioc.pv("STREAM_STATUS")).get_ctrlvars()["severity"] == 2  # MAJOR
+    assert "does not resolve" in ioc.text("MESSAGE"), ioc.text("MESSAGE")
+    assert "nohost.invalid" in ioc.log()
+    assert ioc.stop() == 0, ioc.log()
+
+
+def test_a_silent_stream_raises_the_alarm_and_messages_clear_it(iocs, tmp_path):
+    source, base = BsreadSource(), next(_bases)
+    ioc = iocs(["--stream", source.address, "--output-root", str(tmp_path)])
+    try:
+        ioc.wait_for("STREAM_STATUS", 2, timeout=15)  # SILENT: nothing for over 5 s
+        assert "no message at all" in ioc.text("MESSAGE"), ioc.text("MESSAGE")
+        source.send_range(base, base + 3)
+        ioc.wait_for("STREAM_STATUS", 0)  # RECEIVING
+        poll(lambda: epics.PV(ioc.pv("STREAM_STATUS")).get_ctrlvars()["severity"] == 0,
+             what="the alarm to clear")
+        assert ioc.stop() == 0, ioc.log()
+    finally:
+        source.close()

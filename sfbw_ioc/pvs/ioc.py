@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from caproto import ChannelType
+from caproto import AlarmSeverity, AlarmStatus, ChannelType
 from caproto.server import PVGroup, SubGroup, pvproperty
 
 from ..acquisition.controller import AcquisitionController
@@ -28,6 +28,7 @@ from ..stream.forward import Forwarder
 from ..stream.malformed import MalformedCounter
 from ..stream.receiver import MODES, Receiver
 from ..stream.ring import RingBuffer
+from ..stream.silence import StreamStatus, stream_status
 from .kinds import PutRejected, fill_record_fields, stat_pv, text_pv, write_if_changed
 from .live import LiveImage, LiveSlot, LiveView, rate_pv
 from .writer import WriterPVs
@@ -52,6 +53,7 @@ class Backend:
     controllers: tuple[AcquisitionController, ...]
     image_max_pixels: int = DEFAULT_IMAGE_MAX_PIXELS
     forwarder: Forwarder | None = None
+    pulse_rate: float = 100.0  # pulses per second: the stream's pulse step in seconds
 
 
 def check_stream_address(address: str) -> None:
@@ -86,6 +88,10 @@ class SfbwIOC(PVGroup):
     BUFFER_BYTES = stat_pv("Bytes in the buffer", units="B")
     BUFFER_OLDEST_PULSE_ID = stat_pv("Oldest buffered pulse id")
     FORWARD_DROPPED = stat_pv("Messages not re-published")
+    STREAM_STATUS = pvproperty(value="WAITING", dtype=ChannelType.ENUM,
+                               enum_strings=tuple(s.name for s in StreamStatus),
+                               record="mbbi", read_only=True, alarm_group="STREAM_STATUS",
+                               doc="Stream heard, silent or unresolved")
 
     # ---- live view (sfbw_ioc/live.py) ------------------------------------------------
     LIVE1 = SubGroup(LiveSlot, prefix="LIVE1:")
@@ -113,6 +119,7 @@ class SfbwIOC(PVGroup):
         self._alias_first_writer()
         self._rate_sample: tuple[float, int] | None = None
         self._shown_header: DataHeader | None = None
+        self._stream_status = StreamStatus.WAITING
         slots = [self.LIVE1, self.LIVE2, self.LIVE3, self.LIVE4,
                  self.LIVE5, self.LIVE6, self.LIVE7, self.LIVE8]
         self.live = LiveView(backend.ring, slots, self.IMAGE, self.first_writer.MESSAGE.write,
@@ -205,7 +212,28 @@ class SfbwIOC(PVGroup):
         await write_if_changed(self.BUFFER_OLDEST_PULSE_ID, ring.oldest_pulse_id or 0)
         if backend.forwarder is not None:
             await write_if_changed(self.FORWARD_DROPPED, backend.forwarder.dropped)
+        await self._publish_stream_status(received)
         await self._publish_stream_channels()
+
+    async def _publish_stream_status(self, received) -> None:
+        """STREAM_STATUS, MAJOR while silent or unresolved; the alarm told in MESSAGE and
+        the log, its end in the log (MESSAGE keeps telling the operator's last command)."""
+        backend = self.backend
+        interval = backend.ring.typical_pulse_step() / backend.pulse_rate \
+            if backend.ring.stats().count else None
+        status, why = stream_status(time.monotonic(), received.last_arrival,
+                                    received.listening_since, interval, received.unresolved)
+        if status is self._stream_status:
+            return
+        self._stream_status = status
+        alarm = status in (StreamStatus.SILENT, StreamStatus.UNRESOLVED)
+        await self.STREAM_STATUS.write(
+            status.name, status=AlarmStatus.COMM if alarm else AlarmStatus.NO_ALARM,
+            severity=AlarmSeverity.MAJOR_ALARM if alarm else AlarmSeverity.NO_ALARM)
+        message = f"stream {backend.receiver.address}: {why}"
+        (log.warning if alarm else log.info)("%s", message)
+        if alarm:
+            await self.first_writer.MESSAGE.write(message)
 
     async def _publish_stream_channels(self) -> None:
         newest = self.backend.ring.newest()

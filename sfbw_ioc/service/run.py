@@ -101,7 +101,8 @@ def _start_data_path(args: argparse.Namespace, ioc_options: dict[str, Any],
                                               args.pulse_rate, owner, name=f"acquisition-{n}")
                         for n in range(1, args.writers + 1))
     _record_pvs(args, controllers, stack)
-    backend = Backend(ring, receiver, malformed, controllers, args.image_max_pixels, forwarder)
+    backend = Backend(ring, receiver, malformed, controllers, args.image_max_pixels, forwarder,
+                      args.pulse_rate)
     ioc = ioc_class(args.writers)(backend=backend, **ioc_options)
     if access_config is not None:
         access.apply(access_config, ioc.pvdb)

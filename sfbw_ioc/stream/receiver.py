@@ -6,6 +6,7 @@ message's structure against the cached data header; values stay raw for the writ
 from __future__ import annotations
 
 import logging
+import socket as sockets
 import threading
 import time
 from concurrent.futures import Future
@@ -37,6 +38,9 @@ class ReceiverStats:
     received: int  # good messages put into the ring
     last_pulse_id: int | None
     pulse_id_anomalies: int  # pulse id repeated or went back (source restart)
+    last_arrival: float | None = None  # time.monotonic() of the last message
+    listening_since: float = 0.0  # time.monotonic() when this stream was first listened to
+    unresolved: str | None = None  # why the stream's host name does not resolve
 
 
 class Forward(Protocol):
@@ -72,6 +76,9 @@ class Receiver(threading.Thread):
         self._last_pulse_id: int | None = None
         self._anomalies = 0
         self._last_anomaly_log = float("-inf")
+        self._last_arrival: float | None = None
+        self._listening_since = time.monotonic()
+        self._unresolved: str | None = None
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop_event.set()
@@ -93,7 +100,8 @@ class Receiver(threading.Thread):
 
     def stats(self) -> ReceiverStats:
         with self._lock:
-            return ReceiverStats(self._received, self._last_pulse_id, self._anomalies)
+            return ReceiverStats(self._received, self._last_pulse_id, self._anomalies,
+                                 self._last_arrival, self._listening_since, self._unresolved)
 
     def run(self) -> None:
         # A socket error other than the stop must never end buffering: wait, reconnect.
@@ -114,6 +122,8 @@ class Receiver(threading.Thread):
                 return
             self.address, self.mode, future = switch
             self._last_pulse_id = None  # the new source's pulse ids are no anomaly
+            self._last_arrival = None
+            self._listening_since = time.monotonic()
         self._ring.clear()
         log.info("stream changed to %s (%s); buffer emptied", self.address, self.mode)
         future.set_result(None)
@@ -144,6 +154,9 @@ class Receiver(threading.Thread):
         socket.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 5)
         if self.mode == "sub":
             socket.setsockopt(zmq.SUBSCRIBE, b"")
+        unresolved = _resolve_error(self.address)
+        with self._lock:
+            self._unresolved = unresolved
         socket.connect(self.address)
         log.info("receiving bsread from %s (%s)", self.address, self.mode)
         return socket
@@ -173,6 +186,7 @@ class Receiver(threading.Thread):
     def _store(self, batch: list[RawMessage]) -> None:
         self._ring.extend(batch)
         with self._lock:
+            self._last_arrival = time.monotonic()
             for message in batch:
                 if self._last_pulse_id is not None and message.pulse_id <= self._last_pulse_id:
                     self._note_anomaly(self._last_pulse_id, message.pulse_id)
@@ -214,3 +228,15 @@ class Receiver(threading.Thread):
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, not {mode!r}")
+
+
+def _resolve_error(address: str) -> str | None:
+    """Why the host of tcp://host:port does not resolve (None: it does). ZeroMQ retries a
+    name that does not resolve forever and says nothing; the receiver's thread may wait
+    for the resolver, the IOC's loop never does."""
+    host = address.removeprefix("tcp://").rpartition(":")[0].strip("[]")
+    try:
+        sockets.getaddrinfo(host, None)
+    except (sockets.gaierror, UnicodeError) as error:
+        return f"{host}: {error}"
+    return None
