@@ -96,9 +96,8 @@ def connector(host_port: tuple[str, int], pv: str, interval: float) -> None:
                 data = tcp.recv(65536)
                 if not data:
                     break
-                circuit.recv(data)
-                for command in iter(circuit.next_command, ca.NEED_DATA):
-                    created = created or isinstance(command, ca.CreateChanResponse)
+                commands, _ = circuit.recv(data)
+                created = any(isinstance(c, ca.CreateChanResponse) for c in commands)
         time.sleep(interval)
 
 
