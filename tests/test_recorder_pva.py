@@ -12,7 +12,7 @@ from sfbw_ioc.hdf5.file import OutputFile
 from sfbw_ioc.hdf5.options import OutputOptions
 from sfbw_ioc.recorder.history import DISCONNECTED, INVALID, STATUS_NAMES, PvHistory
 from sfbw_ioc.recorder.names import RecordedPv
-from sfbw_ioc.recorder.pva import (PvaChannel, dtype_of, info_of, status_of, update_of)
+from sfbw_ioc.recorder.pva import PvaChannel, dtype_of, info_of, status_of, update_of
 from test_recorder import GENERAL, PULSE0, STEP, T0, write_rows
 
 
@@ -86,7 +86,8 @@ def test_status_from_the_message_or_the_nearest(severity: int, status: int, mess
 
 
 def test_severity_undefined_is_invalid() -> None:
-    assert update_of(scalar("d", 1.0, severity=4, status=6), "float64").severity == INVALID
+    update = update_of(scalar("d", 1.0, severity=4, status=6), "float64")
+    assert update.severity == INVALID
 
 
 def rows_of(history: PvHistory) -> list[tuple]:
@@ -128,7 +129,8 @@ def test_pva_rows_in_a_file_under_the_name_without_prefix(tmp_path) -> None:
     channel(scalar("ad", [3.0, 4.0, 5.0], ns=T0 + 2 * STEP))
     mode = PvHistory("pva://S:MODE")
     PvaChannel("S:MODE", mode, lambda name: 0)(enum(1, ns=T0 + STEP))
-    pvs = ((RecordedPv("pva://S:WAVE"), history), (RecordedPv("pva://S:MODE", "mode"), mode))
+    pvs = ((RecordedPv("pva://S:WAVE"), history),
+           (RecordedPv("pva://S:MODE", "mode"), mode))
     writer = OutputFile(tmp_path / "f.h5", GENERAL, options=OutputOptions(epics=pvs))
     write_rows(writer, 0, 5)
     with h5py.File(writer.close()) as f:

@@ -192,6 +192,9 @@ class PvaMonitor:
             # nt=False: the structures themselves, with alarm, timeStamp and display.
             self._context = Context("pva", nt=False)
             self._queue.start()
+        names = ", ".join(channel for channel, _ in pvs[:10])
+        log.info("monitoring %d PV Access PVs to record: %s", len(pvs),
+                 names + (", ..." if len(pvs) > 10 else ""))
         for channel, history in pvs:
             callback = PvaChannel(channel, history, self.largest_count)
             self._subscriptions.append(self._context.monitor(
