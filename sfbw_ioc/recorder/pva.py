@@ -3,7 +3,7 @@ Channel Access monitor does.
 
 p4p's client context runs the connections; every PV's callbacks run in one work-queue
 thread of this module (in arrival order, and apart from p4p's default queues, which the
-IOC's own PVA server uses). A connection is described by its first value: the
+IOC's own PVA server's handlers may use). A connection is described by its first value: the
 normative type's ``display`` has the units and the description, so nothing is read but
 an array's largest length (``NAME.NELM`` from an IOC's QSRV). p4p subscribes again by
 itself after a reconnection.
@@ -83,11 +83,10 @@ def severity_of(severity: int) -> int:
 def status_of(severity: int, status: int, message: str) -> int:
     """The EPICS alarm status: the message when it names one, else NTAlarm's status's
     nearest (an alarm without any: SOFT)."""
-    name = message.strip().upper().removesuffix("_ALARM")
-    if name in STATUS_NAMES and name != "DISCONNECTED":
-        return STATUS_NAMES[name]
-    if name == "NO":  # "NO_ALARM" without its suffix
-        return STATUS_NAMES["NO_ALARM"]
+    name = message.strip().upper()
+    for candidate in (name, name.removesuffix("_ALARM")):  # "HIHI" or "HIHI_ALARM"
+        if candidate in STATUS_NAMES and candidate != "DISCONNECTED":
+            return STATUS_NAMES[candidate]
     nearest = _NT_STATUS[status] if 0 <= status < len(_NT_STATUS) else "SOFT"
     if severity and nearest == "NO_ALARM":
         nearest = "SOFT"
@@ -100,7 +99,7 @@ def update_of(value: Value, dtype: str) -> Update:
         recorded: np.ndarray | str = _string_of(value)
     else:
         recorded = _elements(value, dtype)
-    severity = status = message = 0
+    severity, status, message = 0, 0, ""
     if "alarm" in value:
         alarm = value.alarm
         severity, status, message = alarm.severity, alarm.status, alarm.get("message", "")
@@ -110,7 +109,7 @@ def update_of(value: Value, dtype: str) -> Update:
     else:  # a structure without a time: its arrival's
         timestamp_ns = time.time_ns()
     return Update(recorded, int(timestamp_ns), severity_of(severity),
-                  status_of(severity, status, message or ""))
+                  status_of(severity, status, message))
 
 
 def _elements(value: Value, dtype: str) -> np.ndarray:
