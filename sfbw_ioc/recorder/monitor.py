@@ -1,4 +1,5 @@
-"""A Channel Access monitor on every recorded PV, all the time, feeding its history.
+"""A monitor on every recorded PV, all the time, feeding its history: Channel Access
+here, PV Access (``pva://`` names) in ``pva``.
 
 caproto's threading client runs the sockets and the callbacks in its own threads: the
 IOC's asyncio loop and the writer threads never wait on it. A connection is described
@@ -19,6 +20,7 @@ from caproto.threading.client import PV, Context
 
 from .history import PvHistory, PvInfo, Update
 from .names import RecordedPv
+from .pva import PvaMonitor
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class Recorder:
         self._histories: dict[str, PvHistory] = {}
         self._pvs: dict[str, PV] = {}
         self._context: Context | None = None
+        self._pva = PvaMonitor()
         self._connections: queue.Queue[tuple[PV, str] | None] = queue.Queue()
         self._describer = threading.Thread(target=self._describe_connections,
                                            name="pv-recorder", daemon=True)
@@ -60,11 +63,14 @@ class Recorder:
     def watch(self, pvs: Sequence[RecordedPv]) -> tuple[tuple[RecordedPv, PvHistory], ...]:
         """Monitor every PV of ``pvs`` (from now on, if not yet); their histories."""
         with self._lock:
-            new = [pv.name for pv in pvs if pv.name not in self._histories]
-            for name in dict.fromkeys(new):
+            new = {pv.name: pv for pv in pvs if pv.name not in self._histories}
+            for name in new:
                 self._histories[name] = PvHistory(name)
-            if new:
-                self._connect(list(dict.fromkeys(new)))
+            if ca := [name for name, pv in new.items() if not pv.is_pva]:
+                self._connect(ca)
+            if pva := [(pv.channel, self._histories[name]) for name, pv in new.items()
+                       if pv.is_pva]:
+                self._pva.watch(pva)
             return tuple((pv, self._histories[pv.name]) for pv in pvs)
 
     def not_connected(self, pvs: Sequence[RecordedPv]) -> list[str]:
@@ -77,6 +83,7 @@ class Recorder:
         self._connections.put(None)
         with self._lock:
             context, self._context = self._context, None
+            self._pva.stop()
         if context is not None:
             context.disconnect()
 

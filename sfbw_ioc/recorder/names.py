@@ -3,7 +3,8 @@
 The file has one PV a line, ``#`` starts a comment, and a line may give an alias
 (``NAME ALIAS``): the name of the PV's group in the file. ``RECORD_PVS`` holds names
 separated by spaces or newlines; there ``NAME=ALIAS`` gives an alias, which is also how
-the list is shown in it.
+the list is shown in it. A name is a Channel Access PV's, or, with the prefix ``pva://``,
+a PV Access PV's; its group in the file is named without the prefix.
 """
 from __future__ import annotations
 
@@ -29,20 +30,29 @@ class RecordedPv:
     alias: str | None = None
 
     @property
+    def is_pva(self) -> bool:
+        return self.name.startswith(PVA_PREFIX)
+
+    @property
+    def channel(self) -> str:
+        """The name its protocol knows it by (without ``pva://``)."""
+        return self.name.removeprefix(PVA_PREFIX)
+
+    @property
     def label(self) -> str:
-        return self.alias or self.name
+        return self.alias or self.channel
 
     def __str__(self) -> str:
         return self.name if self.alias is None else f"{self.name}={self.alias}"
 
 
 def check_name(name: str) -> None:
-    """``PvListError`` unless ``name`` is a Channel Access PV name."""
-    if name.startswith(PVA_PREFIX):
-        raise PvListError(f"{name!r}: PV Access PVs ({PVA_PREFIX}) cannot be recorded yet")
-    if len(name) > _MAX_NAME:
+    """``PvListError`` unless ``name`` is a Channel Access PV name, or one with the prefix
+    ``pva://`` (PV Access: the same characters, as the IOCs' record names are)."""
+    channel = name.removeprefix(PVA_PREFIX)
+    if len(channel) > _MAX_NAME:
         raise PvListError(f"{name[:40]!r}...: a PV name has at most {_MAX_NAME} characters")
-    if not _PV_NAME.fullmatch(name) or name.startswith("."):
+    if not _PV_NAME.fullmatch(channel) or channel.startswith("."):
         raise PvListError(f"{name!r} is not a valid PV name")
 
 
