@@ -28,7 +28,7 @@ from p4p.nt import NTNDArray
 from p4p.server.asyncio import SharedPV
 
 from ..bsread.compression import bitshuffle_lz4_blocks
-from ..live.sampler import ChannelSample, ImageSample, Samples, Stamp
+from ..live.sampler import ChannelSample, ImageSample, Samples
 from .values import pva_stamp_from_epics
 
 log = logging.getLogger(__name__)
