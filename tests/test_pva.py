@@ -8,6 +8,7 @@ import os
 import queue
 import subprocess
 import threading
+import time
 
 import epics
 import numpy as np
@@ -188,11 +189,17 @@ def test_every_pv_has_the_same_value_over_ca_and_pva(setup):
     # A quiet IOC: the rate is back to 0, nothing changes while both are read.
     poll(lambda: ioc.get("RECEIVE_RATE") == 0, what="the rate settled")
     names = names_of_every_pv()
-    values = context.get([ioc.pv(name) for name in names])
-    differ = []
-    for name, pva in zip(names, values):
-        if not same_value(ioc, name, pva):
-            differ.append((name, ioc.get(name), pva))
+
+    def differing(candidates: list[str]) -> list[str]:
+        values = context.get([ioc.pv(name) for name in candidates])
+        return [name for name, pva in zip(candidates, values) if not same_value(ioc, name, pva)]
+
+    # A PV may change between its CA and its PVA read (MESSAGE, when the silent stream's
+    # alarm is told): what differs must agree once read again.
+    differ = differing(names)
+    deadline = time.monotonic() + 5
+    while differ and time.monotonic() < deadline:
+        differ = differing(differ)
     assert len(names) > 100 and differ == []
 
 

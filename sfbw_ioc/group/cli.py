@@ -117,7 +117,10 @@ async def _serve(ioc: SfbwGroupIOC, run_options: dict[str, Any], supervision: Su
 
     async def startup(async_lib: Any) -> None:
         await asyncio.gather(*(hook(async_lib) for hook in hooks))
-    await server.run(log_pv_names=run_options["log_pv_names"], startup_hook=startup)
+    try:
+        await server.run(log_pv_names=run_options["log_pv_names"], startup_hook=startup)
+    finally:
+        supervision.stop()
 
 
 def _interrupt(signum, frame) -> None:

@@ -160,7 +160,10 @@ async def _serve(ioc: SfbwIOC, controller: AcquisitionController, args: argparse
                 raise StartupFailed(f"cannot serve the REST API on {args.rest_host}:"
                                     f"{args.rest_port}: {error}") from error
             stack.push_async_callback(rest.stop)
-        await server.run(log_pv_names=run_options["log_pv_names"], startup_hook=startup)
+        try:
+            await server.run(log_pv_names=run_options["log_pv_names"], startup_hook=startup)
+        finally:
+            supervision.stop()
 
 
 def _access_security(args: argparse.Namespace) -> access.AccessConfig | None:

@@ -49,11 +49,17 @@ class Supervision:
         self._probe = CaProbe(address, pv_name, self.watchdog.beat)
         self._probe.start()
 
-    def __exit__(self, *exc_info: object) -> None:
+    def stop(self) -> None:
+        """Stop watching: the CA server has ended on purpose (stopping again does
+        nothing). What follows it (the PV Access server, the loop's tasks and executor,
+        the files being completed) may take longer than the watchdog's limit."""
         if self.watchdog is not None:
             self.watchdog.stop()
         if self._probe is not None:
             self._probe.stop()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
 
 def load_access_security(path: Path | None, watchdog: bool) -> access.AccessConfig | None:
