@@ -14,7 +14,7 @@ did, and leave the put to finish by itself. ``GET /stop`` and ``GET /kill`` answ
 the file is closed.
 
 Limits against abusive clients (docs/rest.md): at most ``MAX_CONNECTIONS`` connections
-(one more is answered 503 and closed), a request head within ``IDLE_SECONDS`` of the
+(as many more are answered 503, any beyond dropped), a request head within ``IDLE_SECONDS`` of the
 connection or of the last answer, a body within ``IDLE_SECONDS`` and at most
 ``MAX_BODY_BYTES``, and malformed HTTP logged one line at a time, at most once per
 ``LOG_INTERVAL_SECONDS``.
@@ -326,33 +326,46 @@ def _pulse_id(request: web.Request) -> int:
 
 
 class _ConnectionLimit:
-    """The server's protocol factory, with at most ``limit`` connections open: each one
-    over it is answered 503 and closed (a client that had already sent its request may
-    see the connection reset instead)."""
+    """The server's protocol factory, with at most ``limit`` connections served: as many
+    again are answered 503 and closed within ``BUSY_SECONDS``; beyond that, connections
+    are dropped at once."""
 
     def __init__(self, factory: Callable[[], asyncio.Protocol], limit: int) -> None:
         self._factory = factory
-        self._limit = limit
-        self._open = 0
-
-    def __call__(self) -> asyncio.Protocol:
         # Counted here, not from the aiohttp server's connections: those are registered
         # a loop turn later, and one burst of accepts would overshoot the limit.
-        if self._open >= self._limit:
-            return _Busy()
-        self._open += 1
-        return _Counted(self._factory(), self._closed)
+        self._served = _Slots(limit)
+        self._refused = _Slots(limit)
 
-    def _closed(self) -> None:
-        self._open -= 1
+    def __call__(self) -> asyncio.Protocol:
+        if self._served.take():
+            return _Counted(self._factory(), self._served)
+        if self._refused.take():
+            return _Counted(_Busy(), self._refused)
+        return _Dropped()
+
+
+class _Slots:
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._taken = 0
+
+    def take(self) -> bool:
+        if self._taken >= self._limit:
+            return False
+        self._taken += 1
+        return True
+
+    def release(self) -> None:
+        self._taken -= 1
 
 
 class _Counted(asyncio.Protocol):
-    """A connection's aiohttp protocol, telling its end to the limit."""
+    """A connection's protocol, holding a slot until the connection ends."""
 
-    def __init__(self, inner: asyncio.Protocol, closed: Callable[[], None]) -> None:
+    def __init__(self, inner: asyncio.Protocol, slots: _Slots) -> None:
         self._inner = inner
-        self._closed = closed
+        self._slots = slots
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._inner.connection_made(transport)
@@ -370,7 +383,7 @@ class _Counted(asyncio.Protocol):
         self._inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closed()
+        self._slots.release()
         self._inner.connection_lost(exc)
 
 
@@ -379,15 +392,29 @@ _BUSY_BODY = json.dumps({"state": "error", "status": f"too many connections (the
 _BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                 b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(_BUSY_BODY)
                 + _BUSY_BODY)
+BUSY_SECONDS = 1.0
 
 
 class _Busy(asyncio.Protocol):
-    """A connection over the limit."""
+    """A connection over the limit: answered, then closed when the client has read the
+    answer and closed its end, or after ``BUSY_SECONDS``. Closed with the client's
+    request unread, the kernel would reset the connection and the client lose the
+    answer."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.WriteTransport)
         transport.write(_BUSY_ANSWER)
-        transport.close()
+        transport.write_eof()
+        asyncio.get_running_loop().call_later(BUSY_SECONDS, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # the request, not served
+
+
+class _Dropped(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.abort()
 
 
 class _OneLinePerInterval(logging.Filter):
