@@ -12,6 +12,12 @@ The STOP PVs complete a put when the file is closed; ``PUT /stop_pulse_id`` and
 ``PUT /stop_now`` answer once the stop has been taken (or refused), as the predecessor
 did, and leave the put to finish by itself. ``GET /stop`` and ``GET /kill`` answer when
 the file is closed.
+
+Limits against abusive clients (docs/rest.md): at most ``MAX_CONNECTIONS`` connections
+(as many more are answered 503, any beyond dropped), a request head within ``IDLE_SECONDS`` of the
+connection or of the last answer, a body within ``IDLE_SECONDS`` and at most
+``MAX_BODY_BYTES``, and malformed HTTP logged one line at a time, at most once per
+``LOG_INTERVAL_SECONDS``.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -39,9 +46,30 @@ _CREATED = "general/created"
 _OUTPUT_FILE = "output_file"
 REQUIRED_PARAMETERS = (_CREATED, *_TEXT_PARAMETERS)
 
+# The connections share the process's file descriptors with the CA server and the files
+# written: unbounded, a flood of them would starve both. A DAQ system needs a few.
+MAX_CONNECTIONS = 64
+# aiohttp's keep-alive timer also runs from the connection's start and closes it when no
+# complete request head has arrived (its default is an hour); the same time bounds the
+# body. Without it, clients that send nothing (or a byte at a time) hold connections.
+IDLE_SECONDS = 10.0
+# A body is four short strings and a file name (each PV holds a few hundred bytes);
+# with the connection bound, this bounds what bodies can cost to a few MiB.
+MAX_BODY_BYTES = 64 * 1024
+# Header limits: aiohttp's 8190 bytes a line; 32 headers instead of its 128 (a client
+# sends a handful), so that a head costs at most about 256 KiB.
+MAX_HEADERS = 32
+LOG_INTERVAL_SECONDS = 10.0
+
 
 class Refused(Exception):
-    """A request the API answers with ``{"state": "error", "status": <text>}``."""
+    """A request the API answers with ``{"state": "error", "status": <text>}``, with
+    HTTP 200 as the predecessor did, or ``http_status`` where the request itself is at
+    fault at the HTTP level (a body too large or too slow)."""
+
+    def __init__(self, reason: str, http_status: int = 200) -> None:
+        super().__init__(reason)
+        self.http_status = http_status
 
 
 class RestApi:
@@ -52,10 +80,11 @@ class RestApi:
         self._pvs = writer_pvs
         self._controller = controller
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.AbstractServer | None = None
         self._pending_puts: set[asyncio.Future] = set()  # stops left to complete
 
     def application(self) -> web.Application:
-        app = web.Application(middlewares=[_error_answers])
+        app = web.Application(middlewares=[_error_answers], client_max_size=MAX_BODY_BYTES)
         app.add_routes([
             web.get("/status", self._status),
             web.post("/parameters", self._parameters),
@@ -71,16 +100,25 @@ class RestApi:
 
     async def start(self, host: str, port: int) -> None:
         """Listen on ``host:port`` in the running loop; OSError when it cannot."""
-        self._runner = web.AppRunner(self.application(), access_log=None)
+        self._runner = web.AppRunner(self.application(), access_log=None,
+                                     keepalive_timeout=IDLE_SECONDS, max_headers=MAX_HEADERS,
+                                     logger=_http_log)
         await self._runner.setup()
+        server = self._runner.server
+        assert server is not None  # set up
         try:
-            await web.TCPSite(self._runner, host, port).start()
+            # Not a TCPSite: its protocol factory cannot be wrapped to bound connections.
+            self._listener = await asyncio.get_running_loop().create_server(
+                _ConnectionLimit(server, MAX_CONNECTIONS), host, port)
         except OSError:
             await self.stop()
             raise
         log.info("REST API on http://%s:%d/", host, port)
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -204,7 +242,7 @@ async def _error_answers(request: web.Request,
         return await handler(request)
     except Refused as error:
         log.warning("REST %s %s refused: %s", request.method, request.path, error)
-        return _error(str(error))
+        return _error(str(error), status=error.http_status)
     except web.HTTPException as error:
         if error.status < 400:
             raise
@@ -223,7 +261,7 @@ def _error(reason: str, status: int = 200) -> web.Response:
 
 
 async def _json_object(request: web.Request, optional: bool = False) -> dict[str, Any]:
-    body = await request.read()
+    body = await _body(request)
     if optional and not body.strip():
         return {}
     try:
@@ -233,6 +271,23 @@ async def _json_object(request: web.Request, optional: bool = False) -> dict[str
     if not isinstance(value, dict):
         raise Refused(f"the request body must be a JSON object, not {type(value).__name__}")
     return value
+
+
+async def _body(request: web.Request) -> bytes:
+    """The body, refused unread when its Content-Length is over the limit (aiohttp would
+    read past the limit first) and when it does not arrive in time."""
+    too_large = Refused(f"the request body is over the limit of {MAX_BODY_BYTES} bytes",
+                        http_status=413)
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        raise too_large
+    try:
+        async with asyncio.timeout(IDLE_SECONDS):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge:  # chunked, without a Content-Length
+        raise too_large from None
+    except TimeoutError:
+        raise Refused(f"the request body did not arrive within {IDLE_SECONDS:g} s",
+                      http_status=408) from None
 
 
 def _check_parameters(parameters: dict[str, Any]) -> None:
@@ -268,3 +323,127 @@ def _pulse_id(request: web.Request) -> int:
     if pulse_id >= MAX_PULSE_ID:
         raise Refused(f"the pulse id must be below 2**53, not {pulse_id}")
     return pulse_id
+
+
+class _ConnectionLimit:
+    """The server's protocol factory, with at most ``limit`` connections served: as many
+    again are answered 503 and closed within ``BUSY_SECONDS``; beyond that, connections
+    are dropped at once."""
+
+    def __init__(self, factory: Callable[[], asyncio.Protocol], limit: int) -> None:
+        self._factory = factory
+        # Counted here, not from the aiohttp server's connections: those are registered
+        # a loop turn later, and one burst of accepts would overshoot the limit.
+        self._served = _Slots(limit)
+        self._refused = _Slots(limit)
+
+    def __call__(self) -> asyncio.Protocol:
+        if self._served.take():
+            return _Counted(self._factory(), self._served)
+        if self._refused.take():
+            return _Counted(_Busy(), self._refused)
+        return _Dropped()
+
+
+class _Slots:
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._taken = 0
+
+    def take(self) -> bool:
+        if self._taken >= self._limit:
+            return False
+        self._taken += 1
+        return True
+
+    def release(self) -> None:
+        self._taken -= 1
+
+
+class _Counted(asyncio.Protocol):
+    """A connection's protocol, holding a slot until the connection ends."""
+
+    def __init__(self, inner: asyncio.Protocol, slots: _Slots) -> None:
+        self._inner = inner
+        self._slots = slots
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._slots.release()
+        self._inner.connection_lost(exc)
+
+
+_BUSY_BODY = json.dumps({"state": "error", "status": f"too many connections (the limit "
+                         f"is {MAX_CONNECTIONS}): try again later"}).encode()
+_BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(_BUSY_BODY)
+                + _BUSY_BODY)
+BUSY_SECONDS = 1.0
+
+
+class _Busy(asyncio.Protocol):
+    """A connection over the limit: answered, then closed when the client has read the
+    answer and closed its end, or after ``BUSY_SECONDS``. Closed with the client's
+    request unread, the kernel would reset the connection and the client lose the
+    answer."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(_BUSY_ANSWER)
+        transport.write_eof()
+        asyncio.get_running_loop().call_later(BUSY_SECONDS, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # the request, not served
+
+
+class _Dropped(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.abort()
+
+
+class _OneLinePerInterval(logging.Filter):
+    """aiohttp logs every malformed request with a traceback at ERROR: a flood of them
+    would fill the log and busy the loop formatting. Lets one record through per
+    ``interval`` seconds, as one line (the exception's message), counting the others."""
+
+    def __init__(self, interval: float) -> None:
+        super().__init__()
+        self._interval = interval
+        self._next = 0.0
+        self._held_back = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            self._held_back += 1
+            return False
+        self._next = now + self._interval
+        error = record.exc_info[1] if record.exc_info else None
+        text = f"{record.getMessage()}: {error}" if error else record.getMessage()
+        record.msg = " ".join(text.split())  # aiohttp's parse errors span lines
+        if self._held_back:
+            record.msg += f" (and {self._held_back} more since)"
+        record.args, record.exc_info, record.exc_text = None, None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        self._held_back = 0
+        return True
+
+
+_http_log = logging.getLogger(f"{__name__}.http")
+_http_log.addFilter(_OneLinePerInterval(LOG_INTERVAL_SECONDS))
