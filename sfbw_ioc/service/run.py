@@ -9,7 +9,7 @@ import contextlib
 import logging
 import signal
 import threading
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import zmq
 
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace, ioc_options: dict[str, Any],
     prompt_monitors()
     if not prepare_output_root(args.output_root):
         return 1
-    stop_requested = _stop_on_signals()
+    stop = StopRequest()
     status = 0
     with contextlib.ExitStack() as stack:
         try:
@@ -54,12 +54,12 @@ def run(args: argparse.Namespace, ioc_options: dict[str, Any],
             supervision = stack.enter_context(Supervision(args.watchdog_seconds))
             log.info("IOC %s serving %d PVs; files go to %s", args.prefix, len(ioc.pvdb),
                      controllers[0].output_root)
-            asyncio.run(_serve(ioc, controllers[0], args, run_options, supervision))
-            if not stop_requested.is_set():
+            asyncio.run(_serve(ioc, controllers[0], args, run_options, supervision, stop))
+            if not stop.requested.is_set():
                 log.critical("the Channel Access server ended by itself")
                 status = 1
-        except KeyboardInterrupt:
-            if not stop_requested.is_set():
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            if not stop.requested.is_set():
                 raise
         except StartupFailed as error:
             log.critical("%s", error)
@@ -138,7 +138,15 @@ def _forwarder(args: argparse.Namespace) -> Forwarder | None:
 
 
 async def _serve(ioc: SfbwIOC, controller: AcquisitionController, args: argparse.Namespace,
-                 run_options: dict[str, Any], supervision: Supervision) -> None:
+                 run_options: dict[str, Any], supervision: Supervision,
+                 stop: StopRequest) -> None:
+    with stop.cancelling_this_task():
+        await _serve_until_stopped(ioc, controller, args, run_options, supervision)
+
+
+async def _serve_until_stopped(ioc: SfbwIOC, controller: AcquisitionController,
+                               args: argparse.Namespace, run_options: dict[str, Any],
+                               supervision: Supervision) -> None:
     server = Context(ioc.pvdb, run_options["interfaces"])  # in the loop it runs in
 
     probe = supervision.startup_hook(server, ioc.first_writer.STATE.pvname)
@@ -173,22 +181,39 @@ def _access_security(args: argparse.Namespace) -> access.AccessConfig | None:
         raise StartupFailed(str(error)) from error
 
 
-def _stop_on_signals() -> threading.Event:
-    """SIGTERM (systemd, tests) and Ctrl-C end the server as KeyboardInterrupt, so
-    files get closed; the event tells a requested stop from a server that died. Only
-    the first signal interrupts: a second one (Ctrl-C twice, `timeout` signalling the
-    process and then its group) must not break off the closing of the file."""
-    requested = threading.Event()
+class StopRequest:
+    """SIGTERM (systemd, tests) and Ctrl-C stop the IOC so that files get closed. While
+    the server runs, a signal cancels its task: the loop winds down at an await, with no
+    lock or C call broken into (an exception raised from a signal handler can strike
+    anywhere). Before and after, it interrupts as KeyboardInterrupt. Only the first
+    signal counts: a second one (Ctrl-C twice, `timeout` signalling the process and then
+    its group) must not break off the closing of the file. ``requested`` tells a stop
+    asked for from a server that died."""
 
-    def interrupt(signum, frame):
-        if requested.is_set():
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self._cancel: Callable[[], Any] | None = None
+        signal.signal(signal.SIGTERM, self._interrupt)
+        # A SIGINT ignored by the parent (background jobs) stays ignored.
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self._interrupt)
+
+    @contextlib.contextmanager
+    def cancelling_this_task(self) -> Iterator[None]:
+        """Within: a signal cancels the running task (call it in that task)."""
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+        self._cancel = lambda: loop.call_soon_threadsafe(task.cancel)
+        try:
+            yield
+        finally:
+            self._cancel = None
+
+    def _interrupt(self, signum, frame) -> None:
+        if self.requested.is_set():
             log.warning("%s again: still completing the open file", signal.Signals(signum).name)
             return
-        requested.set()
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-    # A SIGINT ignored by the parent (background jobs) stays ignored.
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, interrupt)
-    return requested
+        self.requested.set()
+        if self._cancel is None:
+            raise KeyboardInterrupt
+        self._cancel()
