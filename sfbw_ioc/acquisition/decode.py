@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..bsread import Column, MalformedMessage, decode_columns, decode_uniform_columns
 from ..hdf5.file import OutputFile
+from ..hdf5.layout import IMAGE_ROW_BYTES
 from ..stream.malformed import MalformedCounter
 from ..stream.message import RawMessage, stack_uniform
 from .selection import ChannelSelection
@@ -16,11 +17,18 @@ def decode_run(run: list[RawMessage], selection: ChannelSelection | None,
     checked the images on arrival."""
     header = run[0].header
     channels = None if selection is None else selection.indices(header)
-    stacked = stack_uniform(run)
+    stacked = stack_uniform(run) if _small_values(run[0]) else None
     if stacked is None:
         return decode_columns(header, [message.frames for message in run],
                               chunks_checked=True, channels=channels)
     return decode_uniform_columns(header, *stacked, chunks_checked=True, channels=channels)
+
+
+def _small_values(message: RawMessage) -> bool:
+    """Stacking pays for many small parts (one array instead of a view per part); large
+    values (images) are views of the ring's payloads on the other path, and stacking
+    would copy every one of them once more."""
+    return message.nbytes - message.main_length <= IMAGE_ROW_BYTES
 
 
 def append_decoded(file: OutputFile, run: list[RawMessage], selection: ChannelSelection | None,

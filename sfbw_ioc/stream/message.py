@@ -78,8 +78,8 @@ def stack_uniform(messages: Sequence[RawMessage]) -> tuple[np.ndarray, array] | 
     if any(message.ends != ends for message in messages):
         return None
     rows = np.empty((len(messages), ends[-1] if ends else 0), np.uint8)
-    # Row by row in numpy, which copies without the GIL: b"".join of a batch of camera
-    # frames (8 MiB) held it for tens of ms and stalled the IOC's event loop.
+    # Row by row in numpy, which copies without the GIL: b"".join of a large batch held
+    # it for tens of ms and stalled the IOC's event loop.
     for row, message in zip(rows, messages):
         row[:] = np.frombuffer(message.payload, np.uint8, offset=message.main_length)
     return rows, array("I", [0]) + ends
