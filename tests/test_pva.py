@@ -17,7 +17,7 @@ from p4p.client.thread import RemoteError
 
 from sfbw_ioc.testing.files import assert_value, read_file
 from sfbw_ioc.testing.ioc import EPICS_BIN, poll, unique_prefix
-from sfbw_ioc.testing.sources import CHANNELS, BsreadSource, value_for
+from sfbw_ioc.testing.sources import CHANNELS, BsreadSource, streaming_ioc, value_for
 from pva_clients import PvaPorts, pva_ioc, pva_tool
 from sfbw_ioc.bsread import encode_message
 from sfbw_ioc.pvs.epicsdb import pv_name
@@ -32,17 +32,13 @@ _bases = itertools.count(BASE, 1000)
 def setup(tmp_path_factory, ca_ports):
     root = tmp_path_factory.mktemp("output")
     ports = PvaPorts()
-    source = BsreadSource()
-    ioc = pva_ioc(ca_ports(), unique_prefix("PVA"),
-                  ["--stream", source.address, "--output-root", str(root)],
-                  tmp_path_factory.mktemp("log") / "ioc.log", ports)
-    context = ports.context()
-    try:
-        yield ioc, source, root, ports, context
-    finally:
-        context.close()
-        source.close()
-        assert ioc.stop() == 0, ioc.log()
+    with streaming_ioc(ca_ports(), "PVA", root, tmp_path_factory.mktemp("log") / "ioc.log",
+                       wrapper=ports.server_wrapper()) as (ioc, source):
+        context = ports.context()
+        try:
+            yield ioc, source, root, ports, context
+        finally:
+            context.close()
 
 
 def timestamp_of(pulse_id: int) -> int:

@@ -14,9 +14,9 @@ import pytest
 from p4p.client.thread import Context
 
 from sfbw_ioc.testing.files import assert_rows, read_file
-from sfbw_ioc.testing.ioc import poll, unique_prefix
-from sfbw_ioc.testing.sources import BsreadSource, value_for
-from pva_clients import PvaPorts, pva_ioc
+from sfbw_ioc.testing.ioc import poll
+from sfbw_ioc.testing.sources import streaming_ioc, value_for
+from pva_clients import PvaPorts
 from sfbw_ioc.bsread import ChannelSpec
 
 SHAPE = (48, 64)
@@ -30,21 +30,17 @@ CAMERAS = (ChannelSpec("CAM:U8", "uint8", SHAPE, compression="bitshuffle_lz4"),
 def setup(tmp_path_factory, ca_ports):
     root = tmp_path_factory.mktemp("output")
     ports = PvaPorts()
-    source = BsreadSource()
-    ioc = pva_ioc(ca_ports(), unique_prefix("PVI"),
-                  ["--stream", source.address, "--output-root", str(root)],
-                  tmp_path_factory.mktemp("log") / "ioc.log", ports)
-    context = ports.context()
-    # p4p's NTNDArray unwrapping reshapes the value to the dimensions: not a compressed
-    # chunk's. This context hands over the Values as they come.
-    raw_context = Context("pva", conf=ports.client_environment(), useenv=False, nt=False)
-    try:
-        yield ioc, source, root, context, raw_context
-    finally:
-        raw_context.close()
-        context.close()
-        source.close()
-        assert ioc.stop() == 0, ioc.log()
+    with streaming_ioc(ca_ports(), "PVI", root, tmp_path_factory.mktemp("log") / "ioc.log",
+                       wrapper=ports.server_wrapper()) as (ioc, source):
+        context = ports.context()
+        # p4p's NTNDArray unwrapping reshapes the value to the dimensions: not a
+        # compressed chunk's. This context hands over the Values as they come.
+        raw_context = Context("pva", conf=ports.client_environment(), useenv=False, nt=False)
+        try:
+            yield ioc, source, root, context, raw_context
+        finally:
+            raw_context.close()
+            context.close()
 
 
 def raw(frame):

@@ -206,13 +206,15 @@ class CommonPulseStreams(threading.Thread):
 
 
 @contextlib.contextmanager
-def streaming_ioc(port: int, tag: str, root: Path, log_path: Path,
-                  *args: str) -> Iterator[tuple[IocProcess, BsreadSource]]:
-    """An IOC on a new BsreadSource, files under ``root``: (ioc, source); at the end
-    the source is closed and the IOC must exit 0."""
+def streaming_ioc(port: int, tag: str, root: Path, log_path: Path, *args: str,
+                  wrapper: Iterable[str] = ()) -> Iterator[tuple[IocProcess, BsreadSource]]:
+    """An IOC on a new BsreadSource, files under ``root``, started through ``wrapper``
+    (e.g. PvaPorts.server_wrapper()): (ioc, source); at the end the source is closed
+    and the IOC must exit 0."""
     source = BsreadSource()
     ioc = IocProcess(port, unique_prefix(tag),
-                     ["--stream", source.address, "--output-root", str(root), *args], log_path)
+                     ["--stream", source.address, "--output-root", str(root), *args], log_path,
+                     wrapper=wrapper)
     try:
         yield ioc, source
     finally:
