@@ -9,6 +9,8 @@ from typing import Callable
 
 import h5py
 
+from .direct_chunk import chunk_writer
+
 log = logging.getLogger(__name__)
 
 
@@ -35,15 +37,17 @@ class WriteBehind:
         self._new_bytes = 0
         self._started: list[list[int]] = []  # their writeback started at the last cycle
         self._sync_file_range = _sync_file_range()
+        self._write_chunk = chunk_writer()
 
     def write_chunk(self, dataset: h5py.h5d.DatasetID, coordinates: tuple[int, ...],
                     chunk: bytes | memoryview) -> None:
-        """``write_direct_chunk``, noting where the chunk went: HDF5 puts a new chunk
-        at the end of the file, so when the file grew by exactly its size it is there
-        (asking HDF5 for a chunk's address walks the whole chunk index, every time).
-        A chunk placed elsewhere, or next to new metadata, is left to the kernel."""
+        """A direct-chunk write (``direct_chunk``: without the GIL), noting where the
+        chunk went: HDF5 puts a new chunk at the end of the file, so when the file grew
+        by exactly its size it is there (asking HDF5 for a chunk's address walks the
+        whole chunk index, every time). A chunk placed elsewhere, or next to new
+        metadata, is left to the kernel."""
         end = self._file.get_filesize()
-        dataset.write_direct_chunk(coordinates, chunk)
+        self._write_chunk(dataset, coordinates, chunk)
         if self._file.get_filesize() == end + len(chunk):
             self._written(end, len(chunk))
 
