@@ -82,7 +82,11 @@ def test_a_run_of_equal_part_lengths_sliced_from_one_array_decodes_the_same(case
     messages, _, _ = load_case(case)
     compared = 0
     for header, run in runs_of_one_header(messages):
-        for message in packed(header, run):  # every message alone is a uniform run
+        for message in packed(header, run):  # every message alone is a uniform run,
+            if message.lent:  # unless an image of it is kept as received
+                assert stack_uniform([message]) is None
+                compared += 1
+                continue
             columns, errors = decode_uniform_columns(header, *stack_uniform([message]))
             assert_same_columns(columns, decode_columns(header, [message.frames])[0])
             assert errors == []

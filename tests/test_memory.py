@@ -63,8 +63,9 @@ RESERVE_SCRIPT = textwrap.dedent("""
     frames = encode_message(1, 0, [(spec, np.zeros(1 << 20, np.uint8), 0)])
     header = HeaderCache().get(parse_main_header(frames[0]), frames[1])
 
-    def message(pulse_id):  # a new 1 MiB block each, as the receiver's copy
-        return RawMessage.pack(pulse_id, 0, header, frames)
+    def message(pulse_id):  # a new 1 MiB block each, as received (the ring keeps it)
+        return RawMessage.pack(pulse_id, 0, header, [*frames[:2], bytearray(frames[2]),
+                                                     *frames[3:]])
 
     ring = RingBuffer(100, 2**30)
     trimmer = HeapTrimmer(interval=0.2, ring=ring)

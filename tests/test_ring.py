@@ -1,10 +1,11 @@
 """The ring buffer: bounds, arrival order, look-up by pulse id, readers that fall behind."""
+import os
 import threading
 
 import pytest
 
 from sfbw_ioc.bsread import DataHeader
-from sfbw_ioc.stream.message import RawMessage
+from sfbw_ioc.stream.message import LEND_LIMIT, RawMessage, stack_uniform
 from sfbw_ioc.stream.ring import RingBuffer
 
 HEADER = DataHeader("0" * 32, ())
@@ -177,3 +178,15 @@ def test_a_part_is_the_same_as_in_frames():
     raw = RawMessage.pack(1, 0, HEADER, parts)
     for index in range(2, len(parts)):
         assert bytes(raw.part(index)) == bytes(raw.frames[index]) == parts[index]
+
+
+def test_an_image_is_kept_as_received_and_small_parts_are_packed():
+    image = bytearray(os.urandom(LEND_LIMIT + 1))
+    parts = [b"main", b"dh", b"v0", b"t" * 16, image, b"t" * 16, b"v2", b"t" * 16]
+    raw = RawMessage.pack(1, 0, HEADER, parts)
+    assert raw.lent == ((4, image),) and raw.lent[0][1] is image  # not copied
+    assert raw.nbytes == sum(map(len, parts)) - len(b"dh")
+    assert raw.values_nbytes == raw.nbytes - len(b"main")
+    for index in range(2, len(parts)):
+        assert bytes(raw.part(index)) == bytes(raw.frames[index]) == bytes(parts[index])
+    assert stack_uniform([raw, raw]) is None  # an image is not stacked

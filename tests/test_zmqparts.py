@@ -11,7 +11,7 @@ from sfbw_ioc.testing.ioc import free_port
 from receiving import RECEIVE_WAYS, receive_way
 from sfbw_ioc.stream import zmqparts
 
-LIMIT = zmqparts.COPY_LIMIT
+LIMIT = zmqparts.LEND_LIMIT
 MESSAGES = [
     [b"only one part"],
     [b"%d" % i * 8 for i in range(2002)],  # a 1000-channel bsread message

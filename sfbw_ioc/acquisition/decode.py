@@ -28,7 +28,7 @@ def _small_values(message: RawMessage) -> bool:
     """Stacking pays for many small parts (one array instead of a view per part); large
     values (images) are views of the ring's payloads on the other path, and stacking
     would copy every one of them once more."""
-    return message.nbytes - message.main_length <= IMAGE_ROW_BYTES
+    return message.values_nbytes <= IMAGE_ROW_BYTES
 
 
 def append_decoded(file: OutputFile, run: list[RawMessage], selection: ChannelSelection | None,

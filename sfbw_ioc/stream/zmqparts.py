@@ -21,6 +21,7 @@ from typing import Callable
 import zmq
 
 from ..bsread import Buffer
+from .message import LEND_LIMIT
 
 try:
     from . import _zmqparts
@@ -31,9 +32,6 @@ log = logging.getLogger(__name__)
 
 Receive = Callable[[zmq.Socket], list[Buffer]]
 
-# Parts up to this size are copied into bytes (cheaper than lending a small part out);
-# larger ones (images) are not copied until the ring packs the message.
-COPY_LIMIT = 64 * 1024
 
 _FUNCTIONS = ("zmq_msg_init", "zmq_msg_recv", "zmq_msg_close", "zmq_msg_move",
               "zmq_msg_data", "zmq_msg_size", "zmq_msg_more", "zmq_errno")
@@ -53,7 +51,7 @@ def receive_parts(socket: zmq.Socket) -> list[Buffer]:
     """The next message's parts through the C extension (``fast_receive()`` must have
     returned it)."""
     try:
-        parts = _zmqparts.receive(socket.underlying, COPY_LIMIT)
+        parts = _zmqparts.receive(socket.underlying, LEND_LIMIT)
     except OSError as error:
         raise zmq.ZMQError(int(error.args[0])) from None
     if parts is None:
@@ -105,7 +103,7 @@ def _works() -> bool:
         sender, receiver = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
         sender.bind("inproc://sfbw-zmqparts-check")
         receiver.connect("inproc://sfbw-zmqparts-check")
-        sent = [b"small", os.urandom(COPY_LIMIT + 1)]
+        sent = [b"small", os.urandom(LEND_LIMIT + 1)]
         sender.send_multipart(sent)
         receiver.poll(1000)
         got = receive_parts(receiver)
