@@ -500,22 +500,6 @@ def scenario_camera(opts, world_args) -> None:
     result(opts.scenario, rate, "frames/s", bare)
 
 
-def scenario_cold(opts, world_args) -> None:
-    """Each size on a fresh IOC with an empty ring, then on a fresh IOC whose ring was
-    filled once (the camera scenario's warm figure), back to back."""
-    for n in opts.frames:
-        first = BASE_PULSE_ID + 8_000_000
-        stream, frames = camera_frames(n, first)
-        figures = {}
-        for fill_ring in (False, True):
-            kind = "warm" if fill_ring else "cold"
-            with World(f"cold-{n}-{kind}", **world_args) as world:
-                figures[kind] = camera_acquisition(world, stream, frames, first,
-                                                   f"{kind}-{n}", fill_ring)
-        result(f"cold-{n}", figures["cold"], "frames/s (empty ring)", figures["warm"],
-               "frames/s (ring filled once)")
-
-
 # ---- 3b. paced ------------------------------------------------------------------------
 
 PACED_SIZES = {  # name: image shape (uint16, incompressible), or None for scalars
@@ -806,8 +790,6 @@ SCENARIOS: dict[str, tuple[Callable, str, dict[str, tuple[type, object, object, 
         "channels": (int, 1000, 1000, "float64 scalars per message")}),
     "camera": (scenario_camera, "640x480 bitshuffle_lz4 frames blasted: frames/s vs the disk", {
         "frames": (int, 1000, 300, "frames in the acquisition")}),
-    "cold": (scenario_cold, "camera on a fresh IOC (empty ring) vs one whose ring was filled", {
-        "frames": (int_list, [500, 2000], [500, 2000], "frames per acquisition, comma-separated")}),
     "paced": (scenario_paced, "1 KiB..8 MiB messages at 10 and 100 Hz: writer lag, STOP, CPU", {
         "seconds": (float, 60.0, 10.0, "duration of each case's stream"),
         "rates": (float_list, [10.0, 100.0], [10.0, 100.0], "message rates, Hz, comma-separated"),
@@ -880,9 +862,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown scenarios: {sorted(unknown)}", file=sys.stderr)
         return 2
-    # One CA port per IOC: cold starts two per size.
-    ports = ca_setup(sum(2 * len(scenario_options(args, n).frames) if n == "cold" else 1
-                         for n in names) + 1)
+    ports = ca_setup(len(names) + 1)  # one CA port per IOC
     world_args = dict(ports=ports, tmp_parent=args.tmp, keep=args.keep)
     status = 0
     for name in names:

@@ -1,8 +1,8 @@
 """How the IOC uses glibc's allocator: the ring's memory touched before the ring needs
 it, images reused while they stream, free memory beyond that given back to the system.
 
-A ring of camera images allocates and frees one large block per message (two: ZeroMQ's
-and the ring's). Served with mmap, every block is fresh memory that the kernel zeroes
+A ring of camera images allocates and frees one large block per message (ZeroMQ's, which
+the ring keeps). Served with mmap, every block is fresh memory that the kernel zeroes
 and faults in page by page (23 % of the IOC's samples in ``clear_page``; the camera
 benchmark with a full ring ran at 650 frames/s, 1445 from the heap). Served from the
 heap, an evicted image's block is reused by the next one, already in memory.
