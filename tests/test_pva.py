@@ -177,6 +177,31 @@ def test_a_monitor_sees_the_state_change(setup):
         monitor.wait()
 
 
+def test_a_pv_opened_again_after_its_last_pva_client_left_shows_what_changed_meanwhile(setup):
+    # A PV no PVA client has is closed (nothing is made for nobody) and opened with the
+    # current value at the next client's connection.
+    ioc, _, _, ports, _ = setup
+    name = ioc.pv("W2:OUTPUT_FILE")
+    first = ports.context()
+    try:
+        first.put(name, "pva/before.h5", wait=True)
+        assert first.get(name).raw.value == "pva/before.h5"
+    finally:
+        first.close()
+    ioc.put("W2:OUTPUT_FILE", "pva/meanwhile.h5")  # over CA: no PVA client has it now
+    second = ports.context()
+    updates: queue.Queue = queue.Queue()
+    try:
+        assert second.get(name).raw.value == "pva/meanwhile.h5"
+        subscription = second.monitor(name, updates.put)
+        assert updates.get(timeout=10).raw.value == "pva/meanwhile.h5"
+        ioc.put("W2:OUTPUT_FILE", "pva/after.h5")
+        assert updates.get(timeout=10).raw.value == "pva/after.h5"
+        subscription.close()
+    finally:
+        second.close()
+
+
 def test_every_pv_has_the_same_value_over_ca_and_pva(setup):
     ioc, source, _, _, context = setup
     base = next(_bases)

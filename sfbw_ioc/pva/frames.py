@@ -29,6 +29,7 @@ from p4p.server.asyncio import SharedPV
 
 from ..bsread.compression import bitshuffle_lz4_blocks
 from ..live.sampler import ChannelSample, ImageSample, Samples
+from .ondemand import OnDemand
 from .values import pva_stamp_from_epics
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,27 @@ def _problem(problem: str) -> Value:
     return Value(_TYPE, {"alarm": {"severity": _MINOR, "status": 0, "message": problem}})
 
 
+class _FramePV(OnDemand):
+    """The newest shown sample as an NTNDArray, made when a client has the PV."""
+
+    def __init__(self, packed: bool) -> None:
+        super().__init__()
+        self._packed = packed
+        self._sample: Sample | None = None
+
+    def current(self) -> Value:
+        sample = self._sample
+        if sample is None:
+            return Value(_TYPE, {"codec": {"name": "", "parameters": ("i", 0)}})
+        if sample.problem:
+            return _problem(sample.problem)
+        return ndarray_value(sample, self._packed)
+
+    def show(self, sample: Sample) -> None:
+        self._sample = sample
+        self.post(self.current)
+
+
 class FramePair:
     """One value served twice: decompressed at ``name``, as in the ring at
     ``name``:COMPRESSED. ``chosen`` is the channel its NAME PV names now."""
@@ -101,23 +123,18 @@ class FramePair:
     def __init__(self, name: str, chosen: Callable[[], str]) -> None:
         self.name = name
         self._chosen = chosen
-        empty = Value(_TYPE, {"codec": {"name": "", "parameters": ("i", 0)}})
-        self.plain = SharedPV(initial=empty)
-        self.packed = SharedPV(initial=empty)
+        self._plain, self._packed = _FramePV(packed=False), _FramePV(packed=True)
 
     def served(self) -> dict[str, SharedPV]:
-        return {self.name: self.plain, f"{self.name}:COMPRESSED": self.packed}
+        return {self.name: self._plain.shared, f"{self.name}:COMPRESSED": self._packed.shared}
 
     def publish(self, sample: Sample | None) -> None:
         # A sample of a channel no longer chosen (a NAME put since) is not shown.
         if sample is None or sample.name != self._chosen().strip():
             return
-        if sample.problem:
-            self.plain.post(_problem(sample.problem))
-            self.packed.post(_problem(sample.problem))
-        elif sample.full is not None:
-            self.plain.post(ndarray_value(sample, packed=False))
-            self.packed.post(ndarray_value(sample, packed=True))
+        if sample.problem or sample.full is not None:
+            self._plain.show(sample)
+            self._packed.show(sample)
 
 
 class LiveFrames:

@@ -1,6 +1,7 @@
 """One p4p ``SharedPV`` per caproto PV: it follows the PV's every update (a subscription
 to the ChannelData, as caproto's own CA server subscribes) and hands a put to the PV's
 ``write``, which runs its putter: the same checks, refusals and completion as a CA put.
+A PV no PVA client has open costs nothing (``ondemand``).
 """
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from typing import Any
 from caproto import AccessRights, ChannelData, ChannelFilter, SubscriptionType
 from caproto.server.common import SubscriptionSpec
 from p4p.server import ServerOperation
+from p4p import Value
 from p4p.server.asyncio import SharedPV
 
+from .ondemand import OnDemand
 from .peers import Peers
 from .values import Shape
 
@@ -25,15 +28,14 @@ _NO_FILTER = ChannelFilter(ts=None, dbnd=None, arr=None, sync=None)
 _CHEAPEST_DBR = "STSACK_STRING"
 
 
-class MirroredPV:
+class MirroredPV(OnDemand):
     """``channel`` over PV Access: ``shared`` is served under its names."""
 
     def __init__(self, channel: ChannelData, peers: Peers) -> None:
         self._channel = channel
         self._peers = peers
         self._shape = Shape(channel)
-        # A SharedPV must be made in the running loop (p4p's asyncio flavour).
-        self.shared = SharedPV(handler=self, initial=self._shape.value(channel))
+        super().__init__()
 
     @property
     def name(self) -> str:
@@ -45,8 +47,11 @@ class MirroredPV:
                                 mask=_EVERY_CHANGE, channel_filter=_NO_FILTER)
         await self._channel.subscribe(_Updates(self), spec, None)
 
+    def current(self) -> Value:
+        return self._shape.value(self._channel)
+
     def post_current(self) -> None:
-        self.shared.post(self._shape.value(self._channel))
+        self.post(self.current)
 
     # ---- the SharedPV handler ---------------------------------------------------------
 
