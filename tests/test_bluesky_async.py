@@ -228,7 +228,7 @@ SCALAR = ChannelSpec("T:X", "float64", ())
 
 def test_a_channel_that_changed_type_gets_a_resource_of_its_own(sent_by_the_test, run,
                                                                 tiled):
-    """The waveform is float32 for 4 pulses, then int16 of another length."""
+    """A step: the waveform is float32 for 4 pulses, then int16 of another length."""
     ioc, source, root = sent_by_the_test
     first = 70_000_000_000
     detector = run.detector(ioc, name="tc", file_name="changed",
@@ -252,12 +252,65 @@ def test_a_channel_that_changed_type_gets_a_resource_of_its_own(sent_by_the_test
     assert stored(path, "/data/T:WAVE/data(1)")[3].tolist() == (
         (np.arange(16) + (first + 3) % 100_000) / 7.0).astype(np.float32).tolist()
 
-    # A fly scan's events are the file's rows, which data(1) has not all of.
-    with pytest.raises(FailedStatus) as failed:
-        run.engine(fly_scan(detector, SfbwFlyInfo(file_name="changed_fly")))
-    reason = str(failed.value.args[0].exception())  # the complete's status
-    assert "/data/T:WAVE/data(1) hold the rows before a change of type only" in reason
-    assert Path(ioc.text("LAST_FILE")).name.startswith("changed_fly_")  # it is written
+
+def test_in_a_fly_scan_each_earlier_definition_is_a_stream_of_its_own(sent_by_the_test,
+                                                                      run, tiled):
+    """The types change while the file is written: the waveform float32, then int16 of
+    another length from the 5th row; the scalar float64, int32 from the 3rd row and
+    float64 again from the 7th. Each earlier definition's events are its rows."""
+    ioc, source, root = sent_by_the_test
+    first = 71_000_000_000
+    int32 = ChannelSpec("T:X", "int32", ())
+
+    def channels(pulse_id: int) -> tuple[ChannelSpec, ...]:
+        row = pulse_id - first
+        return (int32 if 2 <= row < 6 else SCALAR, WAVE_AFTER if row >= 4 else WAVE_BEFORE)
+
+    def send() -> None:
+        for pulse_id in range(first - 2, first + 10):
+            source.send(pulse_id, channels=channels(pulse_id))
+
+    detector = run.detector(ioc, name="tf", file_name="changed_fly", timeout=60,
+                            length=AcquisitionLength(pulse_range=(first, first + 7)))
+    with ThreadPoolExecutor(1) as pool:
+        sent = pool.submit(send_once_waiting, ioc, send)
+        (uid,) = run.engine(fly_scan(detector, stream="fly"))
+        sent.result()
+
+    path = Path(ioc.text("LAST_FILE"))
+    assert path.parent == root and path.name.startswith("changed_fly_")
+    streams = {"fly": ["tf-T:X", "tf-T:WAVE"], "fly-T:X(1)": ["tf-T:X(1)"],
+               "fly-T:X(2)": ["tf-T:X(2)"], "fly-T:WAVE(1)": ["tf-T:WAVE(1)"]}
+    rows = {"fly": 8, "fly-T:X(1)": 2, "fly-T:X(2)": 6, "fly-T:WAVE(1)": 4}
+    (stop,) = run.of_kind("stop")
+    assert stop["exit_status"] == "success" and stop["num_events"] == rows
+    descriptors = {doc["name"]: doc for doc in run.of_kind("descriptor")}
+    assert descriptors["fly-T:WAVE(1)"]["data_keys"]["tf-T:WAVE(1)"]["shape"] == [16]
+    assert descriptors["fly-T:X(2)"]["data_keys"]["tf-T:X(2)"]["dtype_numpy"] == "<i4"
+    datums = run.of_kind("stream_datum")
+    assert {(d["indices"]["stop"], d["seq_nums"]["stop"]) for d in datums} == {
+        (n, n + 1) for n in rows.values()}
+
+    with h5py.File(path, "r") as h5:
+        group = h5["data/T:X"]
+        assert [group[name].dtype.str for name in ("data(1)", "data(2)", "data")] == [
+            "<f8", "<i4", "<f8"]
+        pulse_ids = group["pulse_id"][()]
+    assert pulse_ids.tolist() == list(range(first, first + 8))
+    run_node = tiled[uid]
+    for name, keys in streams.items():
+        stream = run_node[name]
+        for key in keys:
+            channel, dataset = key.removeprefix("tf-"), "data"
+            if "(" in channel:
+                channel, number = channel.rstrip(")").split("(")
+                dataset = f"data({number})"
+            data = stored(path, f"/data/{channel}/{dataset}")
+            served = stream[key].read()
+            assert served.dtype == data.dtype, key
+            assert np.array_equal(served, data[:, 0] if data.shape[1:] == (1,) else data), key
+            assert np.array_equal(stream[f"{key}-pulse_id"].read(),
+                                  pulse_ids[:rows[name]]), key
     assert ioc.text("STATE") == "IDLE"
 
 

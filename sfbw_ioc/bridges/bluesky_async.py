@@ -12,9 +12,10 @@ over Channel Access (ophyd-async's aioca signals). It takes the arguments of the
 
 As a flyer, ``prepare(SfbwFlyInfo(...))`` sets the channels, naming and length,
 ``kickoff()`` starts the file, ``complete()`` ends it at the stop pulse and waits until
-it is closed; then the stream can be declared and collected, one event per pulse row
-(``fly_scan`` is that plan). The documents are ``streamed``'s: a StreamResource per
-dataset and its StreamDatum.
+it is closed; then the stream can be declared and collected, one event per pulse row,
+and each of ``earlier_definitions`` into a stream of its own (``fly_scan`` is that
+plan). The documents are ``streamed``'s: a StreamResource per dataset and its
+StreamDatum.
 
 Every length ends at a stop pulse: ``seconds=T`` is the ``PULSE_RATE`` × T pulse ids
 from the file's first row (started with ``START_NOW``), so that every step of a step
@@ -47,7 +48,8 @@ from ophyd_async.core import observe_signals_value
 from ophyd_async.epics.core import epics_signal_r, epics_signal_rw, epics_signal_w
 
 from .bluesky import RUNNING_STATES, AcquisitionFailed, AcquisitionLength
-from .streamed import Mode, StoredArray, resource_documents, stored_arrays
+from .streamed import (EarlierDefinition, Mode, StoredArray, by_stream, resource_documents,
+                       stored_arrays)
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,7 @@ class SfbwDetector(Device):
         self._pending: list[StreamAsset] = []
         self._step_arrays: list[StoredArray] | None = None
         self._fly_arrays: list[StoredArray] | None = None
+        self._earlier: tuple[EarlierDefinition, ...] = ()
         self._kicked_off: _Started | None = None
         super().__init__(name=name)
 
@@ -122,6 +125,7 @@ class SfbwDetector(Device):
     @AsyncStatus.wrap
     async def stage(self) -> None:
         self._step_arrays = self._fly_arrays = self._kicked_off = None
+        self._earlier = ()
         self._pending.clear()
         try:
             for signal, value in self._staged_naming.items():
@@ -146,6 +150,7 @@ class SfbwDetector(Device):
         if value.length is not None:
             self.length = value.length
         self._fly_arrays = self._kicked_off = None
+        self._earlier = ()
 
     async def _change(self, signal: SignalRW, value: Any) -> None:
         """Set a setting for the time the device is staged (``unstage`` puts it back)."""
@@ -168,7 +173,7 @@ class SfbwDetector(Device):
     @AsyncStatus.wrap
     async def trigger(self) -> None:
         path = await self._stop(await self._start())
-        arrays = stored_arrays(path, self.name)
+        arrays = stored_arrays(path, self.name, Mode.STEP)
         if self._step_arrays is None:
             self._step_arrays = arrays
         else:
@@ -224,6 +229,7 @@ class SfbwDetector(Device):
     @AsyncStatus.wrap
     async def kickoff(self) -> None:
         self._fly_arrays = None
+        self._earlier = ()
         self._kicked_off = await self._start()
 
     @AsyncStatus.wrap
@@ -232,10 +238,18 @@ class SfbwDetector(Device):
             raise AcquisitionFailed(f"{self.name}: complete() without kickoff()")
         started, self._kicked_off = self._kicked_off, None
         path = await self._stop(started)
-        arrays = stored_arrays(path, self.name)
-        _check_every_row_described(self.name, path, arrays)
-        self._fly_arrays = arrays
-        self._pending = list(resource_documents(path, arrays, Mode.FLY))
+        streams = by_stream(stored_arrays(path, self.name, Mode.FLY))
+        self._fly_arrays = streams.pop("", [])
+        self._pending = list(resource_documents(path, self._fly_arrays, Mode.FLY))
+        self._earlier = tuple(EarlierDefinition(self.name, suffix, path, arrays,
+                                                self.last_file.source)
+                              for suffix, arrays in streams.items())
+
+    @property
+    def earlier_definitions(self) -> tuple[EarlierDefinition, ...]:
+        """The last fly scan's earlier definitions of channels (``data(k)``), each to be
+        collected into an event stream of its own."""
+        return self._earlier
 
     async def describe_collect(self) -> dict[str, DataKey]:
         if self._fly_arrays is None:
@@ -360,21 +374,10 @@ def _check_same_keys(name: str, path: Path, described: list[StoredArray],
                                 f"(a step scan's files need the same channels and rows)")
 
 
-def _check_every_row_described(name: str, path: Path, arrays: list[StoredArray]) -> None:
-    """A fly scan's events are the file's rows: every data key needs all of them, which
-    an earlier definition (``data(k)``) of a channel that changed type does not have."""
-    rows = max((array.rows for array in arrays), default=0)
-    short = [array for array in arrays if array.rows != rows]
-    if short:
-        raise AcquisitionFailed(
-            f"{name}: {path}: {', '.join(a.dataset for a in short)} hold the rows before "
-            f"a change of type only, and a fly scan's events are all {rows} rows of the "
-            f"file; read them from the file, or write such a file in a step scan")
-
-
 def fly_scan(detector: SfbwDetector, info: SfbwFlyInfo | None = None, *,
              stream: str = "primary", md: dict[str, Any] | None = None) -> MsgGenerator:
-    """One file as a fly scan: an event per pulse row in ``stream``."""
+    """One file as a fly scan: an event per pulse row in ``stream``, and an event per
+    row of each earlier definition of a channel in ``<stream>-<channel>(k)``."""
 
     @bpp.stage_decorator([detector])
     @bpp.run_decorator(md=md)
@@ -385,5 +388,9 @@ def fly_scan(detector: SfbwDetector, info: SfbwFlyInfo | None = None, *,
         # The data keys are the file's: known once it is closed.
         yield from bps.declare_stream(detector, name=stream, collect=True)
         yield from bps.collect(detector, name=stream)
+        for earlier in detector.earlier_definitions:
+            name = f"{stream}-{earlier.suffix}"
+            yield from bps.declare_stream(earlier, name=name, collect=True)
+            yield from bps.collect(earlier, name=name)
 
     return (yield from inner())
