@@ -11,10 +11,15 @@ over Channel Access (ophyd-async's aioca signals). It takes the arguments of the
   event of a step scan, whose every data key holds all the file's rows.
 
 As a flyer, ``prepare(SfbwFlyInfo(...))`` sets the channels, naming and length,
-``kickoff()`` starts the file, ``complete()`` ends it (at the stop pulse, or with
-``STOP_NOW`` after the seconds) and waits until it is closed; then the stream can be
-declared and collected, one event per pulse row (``fly_scan`` is that plan). The
-documents are ``streamed``'s: a StreamResource per dataset and its StreamDatum.
+``kickoff()`` starts the file, ``complete()`` ends it at the stop pulse and waits until
+it is closed; then the stream can be declared and collected, one event per pulse row,
+and each of ``earlier_definitions`` into a stream of its own (``fly_scan`` is that
+plan). The documents are ``streamed``'s: a StreamResource per dataset and its
+StreamDatum.
+
+Every length ends at a stop pulse: ``seconds=T`` is the ``PULSE_RATE`` × T pulse ids
+from the file's first row (started with ``START_NOW``), so that every step of a step
+scan on a steady stream has the same rows, which its one descriptor needs.
 
 Every refusal of the IOC (a naming PV, a start, a stop) fails at once with the IOC's
 ``MESSAGE``. The put's completion comes back at once, but not always its failure:
@@ -25,10 +30,10 @@ as the classic device does for pyepics.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from contextlib import aclosing
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -39,10 +44,12 @@ from bluesky.protocols import Reading, StreamAsset
 from bluesky.utils import MsgGenerator
 from event_model import DataKey
 from ophyd_async.core import AsyncStatus, Device, SignalR, SignalRW, SignalW
+from ophyd_async.core import observe_signals_value
 from ophyd_async.epics.core import epics_signal_r, epics_signal_rw, epics_signal_w
 
 from .bluesky import RUNNING_STATES, AcquisitionFailed, AcquisitionLength
-from .streamed import Mode, StoredArray, resource_documents, stored_arrays
+from .streamed import (EarlierDefinition, Mode, StoredArray, by_stream, resource_documents,
+                       stored_arrays)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,15 @@ class SfbwFlyInfo:
     channels: Sequence[str] | None = None  # names or shell patterns; () : every channel
     file_name: str | None = None
     file_path: str | None = None
+
+
+@dataclass(frozen=True)
+class _Started:
+    """An acquisition started, as its stop needs to know it."""
+
+    last_file: str  # LAST_FILE before the start: the file closed must be another
+    first: int | None  # the first pulse id, of a length in pulses
+    previous_first: int  # FILE_FIRST_PULSE_ID before the start (the last file's)
 
 
 class SfbwDetector(Device):
@@ -79,7 +95,6 @@ class SfbwDetector(Device):
         self.start_pulse_id = epics_signal_rw(int, pv + "START_PULSE_ID")
         self.stop_pulse_id = epics_signal_rw(int, pv + "STOP_PULSE_ID")
         self.start_now = epics_signal_w(str, pv + "START_NOW")
-        self.stop_now = epics_signal_w(str, pv + "STOP_NOW")
         self.abort = epics_signal_w(str, pv + "ABORT")
         self.state = epics_signal_r(str, pv + "STATE")
         self.message = epics_signal_r(str, pv + "MESSAGE")
@@ -90,6 +105,7 @@ class SfbwDetector(Device):
         self.missing = epics_signal_r(int, pv + "MISSING")
         self.lost = epics_signal_r(int, pv + "LOST")
         self.stream_pulse_id = epics_signal_r(int, prefix + "LAST_PULSE_ID")  # the IOC's
+        self.pulse_rate = epics_signal_r(float, prefix + "PULSE_RATE")
         self.length = length or AcquisitionLength(pulses=100)
         self.timeout = timeout
         self._staged_naming = {signal: value for signal, value in (
@@ -100,7 +116,8 @@ class SfbwDetector(Device):
         self._pending: list[StreamAsset] = []
         self._step_arrays: list[StoredArray] | None = None
         self._fly_arrays: list[StoredArray] | None = None
-        self._kicked_off: tuple[str, int | None] | None = None  # (LAST_FILE before, first)
+        self._earlier: tuple[EarlierDefinition, ...] = ()
+        self._kicked_off: _Started | None = None
         super().__init__(name=name)
 
     # ---- stage, unstage, prepare -----------------------------------------------------
@@ -108,6 +125,7 @@ class SfbwDetector(Device):
     @AsyncStatus.wrap
     async def stage(self) -> None:
         self._step_arrays = self._fly_arrays = self._kicked_off = None
+        self._earlier = ()
         self._pending.clear()
         try:
             for signal, value in self._staged_naming.items():
@@ -132,6 +150,7 @@ class SfbwDetector(Device):
         if value.length is not None:
             self.length = value.length
         self._fly_arrays = self._kicked_off = None
+        self._earlier = ()
 
     async def _change(self, signal: SignalRW, value: Any) -> None:
         """Set a setting for the time the device is staged (``unstage`` puts it back)."""
@@ -153,9 +172,8 @@ class SfbwDetector(Device):
 
     @AsyncStatus.wrap
     async def trigger(self) -> None:
-        before = await self.last_file.get_value()
-        path = await self._stop(before, await self._start(before))
-        arrays = stored_arrays(path, self.name)
+        path = await self._stop(await self._start())
+        arrays = stored_arrays(path, self.name, Mode.STEP)
         if self._step_arrays is None:
             self._step_arrays = arrays
         else:
@@ -211,19 +229,27 @@ class SfbwDetector(Device):
     @AsyncStatus.wrap
     async def kickoff(self) -> None:
         self._fly_arrays = None
-        before = await self.last_file.get_value()
-        self._kicked_off = (before, await self._start(before))
+        self._earlier = ()
+        self._kicked_off = await self._start()
 
     @AsyncStatus.wrap
     async def complete(self) -> None:
         if self._kicked_off is None:
             raise AcquisitionFailed(f"{self.name}: complete() without kickoff()")
-        (before, first), self._kicked_off = self._kicked_off, None
-        path = await self._stop(before, first)
-        arrays = stored_arrays(path, self.name)
-        _check_every_row_described(self.name, path, arrays)
-        self._fly_arrays = arrays
-        self._pending = list(resource_documents(path, arrays, Mode.FLY))
+        started, self._kicked_off = self._kicked_off, None
+        path = await self._stop(started)
+        streams = by_stream(stored_arrays(path, self.name, Mode.FLY))
+        self._fly_arrays = streams.pop("", [])
+        self._pending = list(resource_documents(path, self._fly_arrays, Mode.FLY))
+        self._earlier = tuple(EarlierDefinition(self.name, suffix, path, arrays,
+                                                self.last_file.source)
+                              for suffix, arrays in streams.items())
+
+    @property
+    def earlier_definitions(self) -> tuple[EarlierDefinition, ...]:
+        """The last fly scan's earlier definitions of channels (``data(k)``), each to be
+        collected into an event stream of its own."""
+        return self._earlier
 
     async def describe_collect(self) -> dict[str, DataKey]:
         if self._fly_arrays is None:
@@ -246,9 +272,11 @@ class SfbwDetector(Device):
 
     # ---- one acquisition: start, stop, the file closed ---------------------------------
 
-    async def _start(self, before: str) -> int | None:
-        """Start; the first pulse id when the length is counted in pulses."""
-        length, first = self.length, None
+    async def _start(self) -> _Started:
+        """Start as the length says: at a pulse id, or with ``START_NOW``."""
+        started = _Started(last_file=await self.last_file.get_value(), first=None,
+                           previous_first=await self.first_pulse_id.get_value())
+        length = self.length
         if length.seconds is not None:
             signal, value = self.start_now, "Do"
         elif length.pulse_range is not None:
@@ -259,25 +287,27 @@ class SfbwDetector(Device):
                 raise AcquisitionFailed(f"{self.name}: the IOC has received no stream "
                                         f"yet (LAST_PULSE_ID is 0)")
             signal, value = self.start_pulse_id, newest + 1
-            first = value
+            started = replace(started, first=value)
         await self._put(signal, value, "start refused")
         state = await self.state.get_value()
         if state not in RUNNING_STATES and not (
-                state == "IDLE" and await self.last_file.get_value() != before):
+                state == "IDLE" and await self.last_file.get_value() != started.last_file):
             await self._refused(signal, value, "start refused")
-        return first
+        return started
 
-    async def _stop(self, before: str, first: int | None) -> Path:
-        """Stop as the length says; the file, once closed."""
+    async def _stop(self, started: _Started) -> Path:
+        """Stop at the last pulse id of the length; the file, once closed."""
         length = self.length
         if length.seconds is not None:
-            await asyncio.sleep(length.seconds)  # the acquisition's length
-            await self._put(self.stop_now, "Do", "stop refused")
+            first = await self._first_row(started.previous_first)
+            rate = await self.pulse_rate.get_value()
+            last = first + max(1, round(length.seconds * rate)) - 1
         elif length.pulse_range is not None:
-            await self._put(self.stop_pulse_id, length.pulse_range[1], "stop refused")
+            last = length.pulse_range[1]
         else:
-            assert first is not None and length.pulses is not None
-            await self._put(self.stop_pulse_id, first + length.pulses - 1, "stop refused")
+            assert started.first is not None and length.pulses is not None
+            last = started.first + length.pulses - 1
+        await self._put(self.stop_pulse_id, last, "stop refused")
         state, last_file = await self.state.get_value(), await self.last_file.get_value()
         if state == "ERROR":
             raise AcquisitionFailed(f"{self.name}: writing failed: "
@@ -286,10 +316,32 @@ class SfbwDetector(Device):
             message = await self.message.get_value()
             await self._abort_if_running()
             raise AcquisitionFailed(f"{self.name}: stop refused: {message}")
-        if last_file == before:
+        if last_file == started.last_file:
             raise AcquisitionFailed(f"{self.name}: no file was closed: "
                                     f"{await self.message.get_value()}")
         return Path(last_file)
+
+    async def _first_row(self, previous: int) -> int:
+        """The pulse id of the running file's first row, once it has one (until then
+        ``FILE_FIRST_PULSE_ID`` is 0; ``previous``, its value before the start, may
+        still come from a monitor that had not heard of the start)."""
+        updates = observe_signals_value(self.first_pulse_id, self.state,
+                                        done_timeout=self.timeout)
+        try:
+            async with aclosing(updates):
+                async for signal, value in updates:
+                    if signal is self.first_pulse_id and value not in (0, previous):
+                        return int(value)
+                    # A monitor's value may be older than the start: read it again.
+                    if signal is self.state and value not in RUNNING_STATES and \
+                            await self.state.get_value(cached=False) not in RUNNING_STATES:
+                        break
+        except TimeoutError:
+            await self._abort_if_running()
+            raise AcquisitionFailed(f"{self.name}: no row written in {self.timeout} s: "
+                                    f"{await self.message.get_value()}") from None
+        raise AcquisitionFailed(f"{self.name}: the acquisition ended before its first "
+                                f"row: {await self.message.get_value()}")
 
     async def _put(self, signal: SignalW, value: Any, refusal: str) -> None:
         """Put and wait for its completion (a stop's: the file closed); a refusal
@@ -322,21 +374,10 @@ def _check_same_keys(name: str, path: Path, described: list[StoredArray],
                                 f"(a step scan's files need the same channels and rows)")
 
 
-def _check_every_row_described(name: str, path: Path, arrays: list[StoredArray]) -> None:
-    """A fly scan's events are the file's rows: every data key needs all of them, which
-    an earlier definition (``data(k)``) of a channel that changed type does not have."""
-    rows = max((array.rows for array in arrays), default=0)
-    short = [array for array in arrays if array.rows != rows]
-    if short:
-        raise AcquisitionFailed(
-            f"{name}: {path}: {', '.join(a.dataset for a in short)} hold the rows before "
-            f"a change of type only, and a fly scan's events are all {rows} rows of the "
-            f"file; read them from the file, or write such a file in a step scan")
-
-
 def fly_scan(detector: SfbwDetector, info: SfbwFlyInfo | None = None, *,
              stream: str = "primary", md: dict[str, Any] | None = None) -> MsgGenerator:
-    """One file as a fly scan: an event per pulse row in ``stream``."""
+    """One file as a fly scan: an event per pulse row in ``stream``, and an event per
+    row of each earlier definition of a channel in ``<stream>-<channel>(k)``."""
 
     @bpp.stage_decorator([detector])
     @bpp.run_decorator(md=md)
@@ -347,5 +388,9 @@ def fly_scan(detector: SfbwDetector, info: SfbwFlyInfo | None = None, *,
         # The data keys are the file's: known once it is closed.
         yield from bps.declare_stream(detector, name=stream, collect=True)
         yield from bps.collect(detector, name=stream)
+        for earlier in detector.earlier_definitions:
+            name = f"{stream}-{earlier.suffix}"
+            yield from bps.declare_stream(earlier, name=name, collect=True)
+            yield from bps.collect(earlier, name=name)
 
     return (yield from inner())

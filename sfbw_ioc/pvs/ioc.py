@@ -88,6 +88,8 @@ class SfbwIOC(PVGroup):
     BUFFER_BYTES = stat_pv("Bytes in the buffer", units="B")
     BUFFER_OLDEST_PULSE_ID = stat_pv("Oldest buffered pulse id")
     FORWARD_DROPPED = stat_pv("Messages not re-published")
+    # --pulse-rate, for clients that turn a duration into pulse ids (the Bluesky device)
+    PULSE_RATE = stat_pv("Pulse ids per second", units="Hz", precision=1)
     STREAM_STATUS = pvproperty(value="WAITING", dtype=ChannelType.ENUM,
                                enum_strings=tuple(s.name for s in StreamStatus),
                                record="mbbi", read_only=True, alarm_group="STREAM_STATUS",
@@ -142,6 +144,7 @@ class SfbwIOC(PVGroup):
     async def _fill_in(self) -> None:
         await fill_record_fields(self)
         await self.OUTPUT_ROOT.write(str(self.backend.controllers[0].output_root))
+        await self.PULSE_RATE.write(self.backend.pulse_rate)
         receiver = self.backend.receiver
         await self.STREAM.write(receiver.address, verify_value=False)
         await self.STREAM_MODE.write(receiver.mode.upper(), verify_value=False)
