@@ -24,8 +24,8 @@ import h5py
 import numpy as np
 import pytest
 
-from sfbw_ioc.testing.ioc import (REPO, IocProcess, caput_binary, free_port, ioc_environment,
-                                  poll, unique_prefix)
+from sfbw_ioc.testing.ioc import (REPO, IocProcess, caput_binary, free_port, poll, run_ioc,
+                                  unique_prefix)
 from sfbw_ioc.testing.sources import CHANNELS, BsreadSource, PacedSender, timestamp_for, value_for
 from sfbw_ioc.testing.files import assert_rows, assert_value
 from sfbw_ioc.bsread import ChannelSpec, encode_message
@@ -520,11 +520,8 @@ def _answers(pv: str) -> bool:
 
 def test_startup_failure_exits_non_zero(tmp_path, ca_port):
     (tmp_path / "file").write_text("not a directory")
-    result = subprocess.run(
-        [sys.executable, "-m", "sfbw_ioc.cli", "--prefix", unique_prefix("FLT"),
-         "--stream", "tcp://127.0.0.1:9", "--output-root", str(tmp_path / "file/root")],
-        env={**os.environ, **ioc_environment(ca_port)}, cwd=REPO,
-        capture_output=True, text=True, timeout=60)
+    result = run_ioc(ca_port, unique_prefix("FLT"), ["--stream", "tcp://127.0.0.1:9",
+                                                     "--output-root", str(tmp_path / "file/root")])
     assert result.returncode == 1, result.stderr
     assert "CRITICAL" in result.stderr and "output root" in result.stderr, result.stderr
 
