@@ -146,13 +146,20 @@ def test_sigkill_leaves_a_readable_partial_and_a_restart_works(iocs, tmp_path):
     assert rows == sent[:len(rows)]
     assert_rows(partial, rows)
 
-    # The same port and output root serve again; the partial file stays as it was.
-    size = partial.stat().st_size
+    # The same port and output root serve again: the new IOC finds the partial file,
+    # refuses its name and leaves it as it was.
+    left = partial.read_bytes()
     base2 = next(_bases)
     ioc2 = iocs(args)
     try:
+        ioc2.wait_for("PARTIAL_FILES", 1)
+        assert ioc2.text("PARTIAL_FILES_NEWEST") == str(partial)
+        assert f"1 .partial file left in {root} by an acquisition" in ioc2.log()
+        refused = caput_binary("-c", "-S", ioc2.pv("OUTPUT_FILE"), "killed.h5", ca_timeout=30)
+        assert refused.returncode == 1 and "killed.h5.partial exists already" in ioc2.text(
+            "MESSAGE"), refused.stdout
         assert_acquisition_works(ioc2, source, root, "after_restart.h5", base2, 20)
-        assert partial.stat().st_size == size
+        assert partial.read_bytes() == left and not (root / "killed.h5").exists()
         assert ioc2.stop() == 0
     finally:
         source.close()
