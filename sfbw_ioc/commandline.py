@@ -13,6 +13,7 @@ from caproto._data import CannotExceedLimits  # not re-exported by caproto
 
 from .output import ownership
 from .pvs.kinds import PutRejected
+from .serving import duplicate
 
 log = logging.getLogger("sfbw_ioc")
 
@@ -76,8 +77,8 @@ def _mode(text: str, allowed: int) -> int:
 
 
 def add_serving_options(parser: argparse.ArgumentParser, db_file: str) -> None:
-    """--watchdog-seconds, --access-security and --write-db, alike for both IOCs
-    (``db_file``: the shipped database file, for the help)."""
+    """--watchdog-seconds, --access-security, --allow-duplicate-prefix and --write-db,
+    alike for both IOCs (``db_file``: the shipped database file, for the help)."""
     parser.add_argument("--watchdog-seconds", type=non_negative_float, default=10.0,
                         help="exit with status 70 when Channel Access has not answered "
                              "for this long (the IOC reads its own STATE as a new client "
@@ -88,6 +89,12 @@ def add_serving_options(parser: argparse.ArgumentParser, db_file: str) -> None:
                              "CONTROL, all others in DEFAULT; as in EPICS, a client no "
                              "rule applies to has no access (default: everybody may read "
                              "and write)")
+    parser.add_argument("--allow-duplicate-prefix", action="store_true",
+                        help="serve even if another server already answers for this "
+                             f"prefix's {', '.join(duplicate.SEARCHED)} (by default the IOC "
+                             f"searches for them for {duplicate.SEARCH_DEADLINE_S:g} s "
+                             "before serving and, if one answers, exits with status "
+                             f"{duplicate.EXIT_DUPLICATE_PREFIX})")
     parser.add_argument("--write-db", type=Path, metavar="FILE",
                         help=f"write the PV list as an EPICS database file (as {db_file}) "
                              "and exit")

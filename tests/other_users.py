@@ -13,10 +13,10 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
-import epics
 import pytest
 
-from sfbw_ioc.testing.ioc import EPICS_BIN, REPO, ioc_environment, poll
+from sfbw_ioc.testing import ioc as testing_ioc
+from sfbw_ioc.testing.ioc import EPICS_BIN, REPO
 
 
 @contextlib.contextmanager
@@ -76,27 +76,12 @@ def run_as(user: str, tool: Path, args: Iterable[str], environment: Mapping[str,
                           text=True, timeout=60)
 
 
-class SoftIoc:
+class SoftIoc(testing_ioc.SoftIoc):
     """EPICS's own ``binary`` (softIoc, or softIocPVA for PV Access too) serving
     db/sfbw.db under an ACF file, its CA server on ``port``; ``environment`` adds
     variables (its PVA ports)."""
 
     def __init__(self, port: int, prefix: str, acf: Path, log_path: Path,
                  binary: str = "softIoc", environment: Mapping[str, str] = {}) -> None:
-        self.port, self.prefix = port, prefix
-        self._log = log_path.open("w")
-        self._process = subprocess.Popen(
-            [str(EPICS_BIN / binary), "-S", "-a", str(acf), "-m", f"P={prefix}",
-             "-d", str(REPO / "db/sfbw.db")],
-            env={**os.environ, **ioc_environment(port), **environment}, stdout=self._log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        connected = poll(lambda: epics.PV(self.pv("W1:STATE")).wait_for_connection(0.5), 20)
-        assert connected, log_path.read_text()
-
-    def pv(self, name: str) -> str:
-        return self.prefix + name
-
-    def stop(self) -> None:
-        self._process.terminate()
-        self._process.wait(10)
-        self._log.close()
+        super().__init__(port, prefix, REPO / "db/sfbw.db", "W1:STATE", log_path,
+                         args=("-a", str(acf)), binary=binary, environment=environment)

@@ -24,8 +24,8 @@ import h5py
 import numpy as np
 import pytest
 
-from sfbw_ioc.testing.ioc import (REPO, IocProcess, caput_binary, free_port, ioc_environment,
-                                  poll, unique_prefix)
+from sfbw_ioc.testing.ioc import (REPO, IocProcess, caput_binary, free_port, poll, run_ioc,
+                                  unique_prefix)
 from sfbw_ioc.testing.sources import CHANNELS, BsreadSource, PacedSender, timestamp_for, value_for
 from sfbw_ioc.testing.files import assert_rows, assert_value
 from sfbw_ioc.bsread import ChannelSpec, encode_message
@@ -146,13 +146,20 @@ def test_sigkill_leaves_a_readable_partial_and_a_restart_works(iocs, tmp_path):
     assert rows == sent[:len(rows)]
     assert_rows(partial, rows)
 
-    # The same port and output root serve again; the partial file stays as it was.
-    size = partial.stat().st_size
+    # The same port and output root serve again: the new IOC finds the partial file,
+    # refuses its name and leaves it as it was.
+    left = partial.read_bytes()
     base2 = next(_bases)
     ioc2 = iocs(args)
     try:
+        ioc2.wait_for("PARTIAL_FILES", 1)
+        assert ioc2.text("PARTIAL_FILES_NEWEST") == str(partial)
+        assert f"1 .partial file left in {root} by an acquisition" in ioc2.log()
+        refused = caput_binary("-c", "-S", ioc2.pv("OUTPUT_FILE"), "killed.h5", ca_timeout=30)
+        assert refused.returncode == 1 and "killed.h5.partial exists already" in ioc2.text(
+            "MESSAGE"), refused.stdout
         assert_acquisition_works(ioc2, source, root, "after_restart.h5", base2, 20)
-        assert partial.stat().st_size == size
+        assert partial.read_bytes() == left and not (root / "killed.h5").exists()
         assert ioc2.stop() == 0
     finally:
         source.close()
@@ -520,11 +527,8 @@ def _answers(pv: str) -> bool:
 
 def test_startup_failure_exits_non_zero(tmp_path, ca_port):
     (tmp_path / "file").write_text("not a directory")
-    result = subprocess.run(
-        [sys.executable, "-m", "sfbw_ioc.cli", "--prefix", unique_prefix("FLT"),
-         "--stream", "tcp://127.0.0.1:9", "--output-root", str(tmp_path / "file/root")],
-        env={**os.environ, **ioc_environment(ca_port)}, cwd=REPO,
-        capture_output=True, text=True, timeout=60)
+    result = run_ioc(ca_port, unique_prefix("FLT"), ["--stream", "tcp://127.0.0.1:9",
+                                                     "--output-root", str(tmp_path / "file/root")])
     assert result.returncode == 1, result.stderr
     assert "CRITICAL" in result.stderr and "output root" in result.stderr, result.stderr
 

@@ -124,10 +124,14 @@ def test_an_existing_file_is_refused_unless_the_name_need_not_be_new(
     assert (root.path / "a.h5").read_bytes() == b"keep"
 
 
-def test_an_existing_partial_is_refused(root: OutputRoot) -> None:
+NOT_COMPLETED = (" exists already, a file that was not completed (its acquisition was cut "
+                 "off, or is still being written); files are never overwritten")
+
+
+def test_an_existing_partial_is_refused_and_said_to_be_one(root: OutputRoot) -> None:
     (root.path / "a.h5.partial").write_bytes(b"an acquisition that died")
-    assert refusal(root.resolve, "a.h5") == (
-        f"{root.path / 'a.h5.partial'} exists already; files are never overwritten")
+    assert refusal(root.resolve, "a.h5") == f"{root.path / 'a.h5.partial'}{NOT_COMPLETED}"
+    assert (root.path / "a.h5.partial").read_bytes() == b"an acquisition that died"
 
 
 @pytest.mark.parametrize("make", [
@@ -216,11 +220,13 @@ def test_a_master_follows_the_rules_of_any_name(root: OutputRoot, name: str,
     assert text in refusal(root.master, name)
 
 
-@pytest.mark.parametrize("taken", ["m.h5", "m.h5.partial"])
-def test_an_existing_master_or_its_partial_is_refused(root: OutputRoot, taken: str) -> None:
+@pytest.mark.parametrize("taken, why", [
+    ("m.h5", " exists already; files are never overwritten"),
+    ("m.h5.partial", NOT_COMPLETED)])
+def test_an_existing_master_or_its_partial_is_refused(root: OutputRoot, taken: str,
+                                                      why: str) -> None:
     (root.path / taken).write_bytes(b"keep")
-    assert refusal(root.master, "m.h5") == (
-        f"{root.path / taken} exists already; files are never overwritten")
+    assert refusal(root.master, "m.h5") == f"{root.path / taken}{why}"
 
 
 def test_the_suffix_is_checked_before_the_name_is_taken(root: OutputRoot) -> None:

@@ -3,7 +3,6 @@ files over Channel Access and PV Access: the rows follow the changes made, in or
 the right pulse ids."""
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 
@@ -12,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from sfbw_ioc.testing.ioc import EPICS_BIN, REPO, IocProcess, ioc_environment, poll, unique_prefix
+from sfbw_ioc.testing.ioc import EPICS_BIN, REPO, IocProcess, SoftIoc, poll, unique_prefix
 from sfbw_ioc.testing.pva import PvaPorts
 from sfbw_ioc.testing.sources import BsreadSource, PacedSender
 from sfbw_ioc.bsread import ChannelSpec, encode_message
@@ -23,29 +22,17 @@ SCALAR = ChannelSpec("R:F64", "float64", ())
 PULSE0 = 20_000_000_000
 
 
-class SoftIoc:
+class RecordedIoc(SoftIoc):
     """EPICS's softIoc serving tests/record-test.db under ``prefix`` on its own port; or
     softIocPVA, PV Access too on the ports of ``pva``."""
 
     def __init__(self, port: int, prefix: str, log_path,
                  pva: PvaPorts | None = None) -> None:
-        self.prefix = prefix
         self.pva = pva
-        self._log = open(log_path, "w")
         binary, environment = ("softIoc", {}) if pva is None else (
             "softIocPVA", pva.server_environment())
-        self.process = subprocess.Popen(
-            [str(EPICS_BIN / binary), "-S", "-m", f"P={prefix}", "-d", str(DB)],
-            env={**os.environ, **ioc_environment(port), **environment}, stdout=self._log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        poll(lambda: epics.caget(prefix + "COUNT", timeout=0.5) is not None, 20,
-             what=f"softIoc {prefix}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-        self._log.close()
+        super().__init__(port, prefix, DB, "COUNT", log_path, binary=binary,
+                         environment=environment)
 
 
 class NowStream:
@@ -66,8 +53,8 @@ class NowStream:
 
 @pytest.fixture
 def soft_iocs(ca_ports, tmp_path):
-    main = SoftIoc(ca_ports(), unique_prefix("RT"), tmp_path / "soft.log")
-    other = SoftIoc(ca_ports(), unique_prefix("RS"), tmp_path / "stopped.log")
+    main = RecordedIoc(ca_ports(), unique_prefix("RT"), tmp_path / "soft.log")
+    other = RecordedIoc(ca_ports(), unique_prefix("RS"), tmp_path / "stopped.log")
     yield main, other
     main.stop()
     other.stop()
@@ -181,20 +168,20 @@ def test_record_pvs_put_checked_and_only_while_idle(ca_ports, tmp_path) -> None:
 
 @pytest.fixture
 def pva_soft_iocs(ca_ports, tmp_path):
-    main = SoftIoc(ca_ports(), unique_prefix("RV"), tmp_path / "pva.log", PvaPorts())
-    other = SoftIoc(ca_ports(), unique_prefix("RW"), tmp_path / "pva-stopped.log",
+    main = RecordedIoc(ca_ports(), unique_prefix("RV"), tmp_path / "pva.log", PvaPorts())
+    other = RecordedIoc(ca_ports(), unique_prefix("RW"), tmp_path / "pva-stopped.log",
                     PvaPorts())
     yield main, other
     main.stop()
     other.stop()
 
 
-def pvput(soft: SoftIoc, name: str, *values: str) -> None:
+def pvput(soft: RecordedIoc, name: str, *values: str) -> None:
     result = pva_tool(soft.pva, "pvput", soft.prefix + name, *values)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def pva_client_wrapper(*iocs: SoftIoc) -> list[str]:
+def pva_client_wrapper(*iocs: RecordedIoc) -> list[str]:
     """``IocProcess(wrapper=...)``: the IOC's PVA client searching the ports of ``iocs``."""
     addresses = " ".join(f"127.0.0.1:{ioc.pva.port}" for ioc in iocs)
     return ["env", f"EPICS_PVA_ADDR_LIST={addresses}", "EPICS_PVA_AUTO_ADDR_LIST=NO"]

@@ -366,6 +366,18 @@ def test_stale_partial_is_never_overwritten(tmp_path):
     assert partial.read_bytes() == b"stale"
 
 
+def test_partial_appearing_after_the_check_is_neither_overwritten_nor_removed(
+        tmp_path, monkeypatch):
+    """Another writer's .partial made between the check of the name and the creation:
+    the exclusive creation fails, and the failure does not clean up what it did not make."""
+    partial = tmp_path / "f.h5.partial"
+    partial.write_bytes(b"another writer's")
+    monkeypatch.setattr("sfbw_ioc.hdf5.file.taken_by", lambda target: None)
+    with pytest.raises(FileExistsError):
+        OutputFile(tmp_path / "f.h5", GENERAL)
+    assert partial.read_bytes() == b"another writer's"
+
+
 def test_target_appearing_while_writing_keeps_partial(tmp_path):
     target = tmp_path / "f.h5"
     writer = OutputFile(target, GENERAL)

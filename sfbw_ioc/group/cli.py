@@ -16,6 +16,7 @@ from ..commandline import (add_serving_options, configure_logging, prepare_outpu
 from ..pva.server import startup_hook
 from ..pvs import access, epicsdb
 from ..pvs.ca_server import Context
+from ..serving import duplicate
 from ..serving.supervision import Supervision, UnusableAccessSecurity, load_access_security
 from .member import file_name
 from .pvs import SfbwGroupIOC
@@ -72,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ioc_options, run_options = split(args)
     configure_logging(args.quiet)
     prompt_monitors()
+    if not (args.allow_duplicate_prefix or duplicate.prefix_free(args.prefix, args.pva)):
+        return duplicate.EXIT_DUPLICATE_PREFIX
     if not prepare_output_root(args.output_root):
         return 1
     try:

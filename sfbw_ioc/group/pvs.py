@@ -16,6 +16,7 @@ from caproto.server import pvproperty
 
 from ..pvs.acquisition import AcquisitionPVs, FileOwnerPVs
 from ..pvs.kinds import PutRejected, fill_record_fields, text_pv, write_if_changed
+from ..pvs.leftovers import LeftoverPVs
 from ..vocabulary import State
 from .coordinator import Coordinator, FileOwner, GroupError
 from .member import Client, Member
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 MEMBERS_LENGTH = 8192  # prefixes of ~100 members
 
 
-class SfbwGroupIOC(AcquisitionPVs, FileOwnerPVs):
+class SfbwGroupIOC(AcquisitionPVs, FileOwnerPVs, LeftoverPVs):
     """Drives many sfbw-ioc members as one acquisition with one master file."""
 
     MEMBERS = text_pv("Member prefixes, one a line", read_only=True,
@@ -42,6 +43,9 @@ class SfbwGroupIOC(AcquisitionPVs, FileOwnerPVs):
         self.coordinator: Coordinator | None = None
         self._changed = asyncio.Event()
         self._publish_lock = asyncio.Lock()
+
+    def leftovers_root(self) -> Path:
+        return self._output_root
 
     # ---- start-up: the client of the members, then status publishing -----------------
 

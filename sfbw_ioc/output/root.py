@@ -19,6 +19,9 @@ import re
 from pathlib import Path, PurePath
 
 
+PARTIAL_SUFFIX = ".partial"
+
+
 class OutputPathError(ValueError):
     """A name no file may be written under; the text is meant for the operator."""
 
@@ -62,7 +65,7 @@ class OutputRoot:
 
 def partial_path(target: Path) -> Path:
     """Where the file for ``target`` is written until it is complete."""
-    return target.with_name(target.name + ".partial")
+    return target.with_name(target.name + PARTIAL_SUFFIX)
 
 
 def taken_by(target: Path) -> Path | None:
@@ -77,8 +80,13 @@ def taken_by(target: Path) -> Path | None:
 def refuse_taken(target: Path) -> None:
     """Refuse (``OutputPathError``) a ``target`` whose name is taken."""
     taken = taken_by(target)
-    if taken is not None:
-        raise OutputPathError(f"{taken} exists already; files are never overwritten")
+    if taken is None:
+        return
+    if taken != target:
+        raise OutputPathError(f"{taken} exists already, a file that was not completed (its "
+                              "acquisition was cut off, or is still being written); files "
+                              "are never overwritten")
+    raise OutputPathError(f"{taken} exists already; files are never overwritten")
 
 
 def publish(partial: Path, target: Path) -> None:

@@ -16,10 +16,11 @@ import re
 import time
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from caproto import AlarmSeverity, AlarmStatus, ChannelType
-from caproto.server import PVGroup, SubGroup, pvproperty
+from caproto.server import SubGroup, pvproperty
 
 from ..acquisition.controller import AcquisitionController
 from ..bsread import DataHeader
@@ -30,6 +31,7 @@ from ..stream.receiver import MODES, Receiver
 from ..stream.ring import RingBuffer
 from ..stream.silence import StreamStatus, stream_status
 from .kinds import PutRejected, fill_record_fields, stat_pv, text_pv, write_if_changed
+from .leftovers import LeftoverPVs
 from .live import LiveImage, LiveSlot, LiveView, rate_pv
 from .writer import WriterPVs
 
@@ -64,7 +66,7 @@ def check_stream_address(address: str) -> None:
         raise ValueError(f"{address!r} is not a stream address: tcp://host:port")
 
 
-class SfbwIOC(PVGroup):
+class SfbwIOC(LeftoverPVs):
     """SwissFEL bsread buffer and writer (its writers are added by ``ioc_class``)."""
 
     # ---- the stream ------------------------------------------------------------------
@@ -126,6 +128,9 @@ class SfbwIOC(PVGroup):
                  self.LIVE5, self.LIVE6, self.LIVE7, self.LIVE8]
         self.live = LiveView(backend.ring, slots, self.IMAGE, self.first_writer.MESSAGE.write,
                              backend.image_max_pixels)
+
+    def leftovers_root(self) -> Path:
+        return self.backend.controllers[0].output_root
 
     def _alias_first_writer(self) -> None:
         writer_prefix = self.first_writer.prefix

