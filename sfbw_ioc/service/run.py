@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import signal
+import sys
 import threading
 from typing import Any, Callable, Iterator
 
@@ -34,6 +36,10 @@ from ..stream.ring import RingBuffer
 from ..stream.simulator import Simulator
 
 log = logging.getLogger("sfbw_ioc")
+
+# An IOC still winding down this long after a stop was asked for prints every thread's
+# stack to its log (stderr): what its teardown waits for.
+TEARDOWN_REPORT_S = 20.0
 
 
 class StartupFailed(Exception):
@@ -191,7 +197,8 @@ class StopRequest:
     anywhere). Before and after, it interrupts as KeyboardInterrupt. Only the first
     signal counts: a second one (Ctrl-C twice, `timeout` signalling the process and then
     its group) must not break off the closing of the file. ``requested`` tells a stop
-    asked for from a server that died."""
+    asked for from a server that died. A teardown longer than TEARDOWN_REPORT_S is
+    reported with every thread's stack."""
 
     def __init__(self) -> None:
         self.requested = threading.Event()
@@ -217,6 +224,7 @@ class StopRequest:
             log.warning("%s again: still completing the open file", signal.Signals(signum).name)
             return
         self.requested.set()
+        faulthandler.dump_traceback_later(TEARDOWN_REPORT_S, file=sys.stderr)
         if self._cancel is None:
             raise KeyboardInterrupt
         self._cancel()
