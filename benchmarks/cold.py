@@ -221,8 +221,8 @@ STAGES = [
     ("header handling", ("sfbw_ioc/bsread/headers.py", "parse_main_header",
                          "check_structure")),
     ("zmq receive", ("sfbw_ioc/stream/zmqparts.py",)),
-    ("receiver (other)", ("sfbw_ioc/stream/",)),
     ("memory keeper", ("sfbw_ioc/stream/memory.py",)),
+    ("receiver (other)", ("sfbw_ioc/stream/",)),
     ("CA/PVA server", ("caproto", "p4p", "asyncio", "sfbw_ioc/pvs/", "sfbw_ioc/pva/")),
 ]
 
