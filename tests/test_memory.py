@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from sfbw_ioc.testing.ioc import REPO
 
 SCRIPT = textwrap.dedent("""
@@ -98,3 +100,53 @@ def test_the_rings_memory_is_touched_ahead_kept_and_only_the_excess_trimmed():
     assert lowest > reserved - 10  # the trimmer keeps the reserve round after round
     assert filled < reserved + 20  # the ring fills on the touched memory: nothing fresh
     assert trimmed < filled + 30
+
+
+TOUCH_SCRIPT = textwrap.dedent("""
+    import ctypes, os, sys
+    from sfbw_ioc.stream import memory
+
+    def rss_mib():
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+
+    assert memory.tune_allocator()
+    libc = memory._glibc()
+    base = rss_mib()
+    touched = getattr(memory, sys.argv[1])(libc, lambda: 64 << 20)
+    resident = rss_mib()
+    blocks = [libc.malloc(16 << 20) for _ in range(4)]  # the ring's next allocations
+    for block in blocks:
+        ctypes.memset(block, 1, 16 << 20)
+    print(touched >> 20, base, resident, rss_mib())
+""")
+
+
+@pytest.mark.parametrize("way", ["populate_heap", "write_heap"])
+def test_touched_heap_is_resident_and_free_for_the_next_allocations(way):
+    result = subprocess.run([sys.executable, "-c", TOUCH_SCRIPT, way], capture_output=True,
+                            text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    touched, base, resident, used = map(int, result.stdout.split())
+    assert touched == 64
+    assert resident > base + 60  # in memory...
+    assert used < resident + 8  # ...and what is allocated next lands on it
+
+
+def test_populating_leaves_memory_in_use_as_it_is():
+    # The heap is populated while the receiver allocates from it: the kernel only faults
+    # pages in, it writes nothing.
+    script = textwrap.dedent("""
+        import ctypes
+        from sfbw_ioc.stream import memory
+        libc = memory._glibc()
+        in_use = libc.malloc(1 << 20)
+        ctypes.memset(in_use, 9, 1 << 20)
+        start = -(-in_use // 4096) * 4096
+        assert libc.madvise(start, 1 << 19, memory._MADV_POPULATE_WRITE) == 0
+        print(set(ctypes.string_at(in_use, 1 << 20)))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "{9}"

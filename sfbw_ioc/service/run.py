@@ -51,6 +51,7 @@ def run(args: argparse.Namespace, ioc_options: dict[str, Any],
     """Run the IOC until SIGTERM or Ctrl-C; the exit status."""
     configure_logging(args.quiet)
     prompt_monitors()
+    memory.tune_allocator()  # before any thread: the PVA search below starts some
     if not (args.allow_duplicate_prefix or duplicate.prefix_free(args.prefix, args.pva)):
         return duplicate.EXIT_DUPLICATE_PREFIX
     if not prepare_output_root(args.output_root):
@@ -95,7 +96,6 @@ def _start_data_path(args: argparse.Namespace, ioc_options: dict[str, Any],
         stream, mode = simulator.endpoint, "pull"
         log.info("simulated bsread source on %s", stream)
 
-    memory.tune_allocator()
     ring = RingBuffer(args.buffer_length, args.buffer_bytes)
     trimmer = memory.HeapTrimmer(ring=ring)
     trimmer.start()

@@ -17,6 +17,13 @@ the messages it holds, whichever is less) as soon as the first messages show how
 they are, and leaves it free in the heap for the receiver. All threads share one
 arena, so that what the keeper touched is what the receiver's allocations get.
 
+Where Linux has MADV_POPULATE_WRITE (5.14 and later) the keeper takes the heap it needs,
+gives it back at once and has the kernel fault the pages in, which writes nothing: the
+reserve is free while it is touched, and a burst arriving meanwhile (the first
+acquisition of a freshly started IOC) lands on it, touched or about to be. Elsewhere it
+writes blocks it holds and frees them at the end; a burst meanwhile takes other fresh
+memory: ZeroMQ's thread paid 0.26 ms of page faults per 361 kB frame instead of 0.08.
+
 The heap keeps what it freed (after a flood of 1 MiB images through a 200 MiB ring:
 584 MiB instead of ~270 MiB), so the keeper trims it periodically, all but the part of
 the reserve that the ring has not filled yet: a flood's excess goes back.
@@ -38,8 +45,12 @@ _NEVER = -1  # M_TRIM_THRESHOLD: free() never trims (malloc_trim still does)
 # Blocks above this are mmapped: a rare huge message must not stay in a heap.
 LARGEST_HEAP_BLOCK = 32 * 2**20
 TRIM_INTERVAL_S = 5.0
-RESERVE_POLL_S = 0.1
+# A freshly started IOC's first burst of frames (500 in 0.2 s) must find the reserve
+# being made: it starts within this of the first messages.
+RESERVE_POLL_S = 0.01
 _RESERVE_BLOCK = 16 * 2**20  # below LARGEST_HEAP_BLOCK: served from the heap
+_MADV_POPULATE_WRITE = 23
+_PAGE = 4096
 
 
 class Ring(Protocol):
@@ -61,6 +72,7 @@ def _glibc() -> ctypes.CDLL | None:
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
     libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc
 
 
@@ -83,6 +95,39 @@ def tune_allocator() -> bool:
 
 
 def touch_heap(libc: ctypes.CDLL, room: Callable[[], int]) -> int:
+    """Make heap memory for ``room()`` bytes resident, free for the next allocations:
+    populated by the kernel where it can (``populate_heap``), else written
+    (``write_heap``). Returns the bytes touched."""
+    touched = populate_heap(libc, room)
+    return write_heap(libc, room) if touched is None else touched
+
+
+def populate_heap(libc: ctypes.CDLL, room: Callable[[], int]) -> int | None:
+    """Take heap blocks for ``room()`` (asked before each), free them all at once (the
+    heap keeps them: it never trims by itself), then fault their pages in block by block
+    (``room()`` asked again before each: a ring that fills meanwhile needs less). None
+    when the kernel has no MADV_POPULATE_WRITE."""
+    blocks: list[int] = []
+    while len(blocks) * _RESERVE_BLOCK < room():
+        block = libc.malloc(_RESERVE_BLOCK)
+        if not block:
+            break
+        blocks.append(block)
+    for block in blocks:
+        libc.free(block)
+    touched = 0
+    for block in blocks:
+        if touched >= room():
+            break
+        start = -(-block // _PAGE) * _PAGE
+        if libc.madvise(start, (block + _RESERVE_BLOCK - start) // _PAGE * _PAGE,
+                        _MADV_POPULATE_WRITE) != 0:
+            return None if touched == 0 else touched
+        touched += _RESERVE_BLOCK
+    return touched
+
+
+def write_heap(libc: ctypes.CDLL, room: Callable[[], int]) -> int:
     """Take heap in blocks until they cover ``room()`` (asked before each block), write
     every page of them and free them all: they stay in the heap, in memory, for the
     next allocations. A block the room no longer needs is freed at once: a ring that
@@ -153,7 +198,9 @@ class HeapTrimmer(threading.Thread):
             return target - max(reserved, held)
         t = time.monotonic()
         touched = touch_heap(self._libc, room)
-        self._reserved = max(reserved, self._ring.held_bytes()) + touched
+        # What the ring took meanwhile came out of the reserve (populated), or from
+        # other memory (written: then this counts low, and a trim returns that much).
+        self._reserved = max(reserved + touched, self._ring.held_bytes())
         if touched:
             log.info("memory for the ring: %d MiB touched in %.2f s (%d MiB reserved in "
                      "all)", touched >> 20, time.monotonic() - t, self._reserved >> 20)
