@@ -18,7 +18,7 @@ from caproto import AccessRights
 from caproto.sync import client as caproto_client
 
 from other_users import SoftIoc, run_as, tools_for_everyone, unix_users
-from sfbw_ioc.testing.ioc import (REPO, IocProcess, ca_client_environment, ioc_environment,
+from sfbw_ioc.testing.ioc import (REPO, IocProcess, ca_client_environment, run_ioc,
                                   unique_prefix)
 from sfbw_ioc.pvs import access
 from sfbw_ioc.pvs.access import AccessConfigError, parse
@@ -462,17 +462,15 @@ def test_group_read_rules_answer_as_the_ioc_does(readers_file, users, tools, tmp
 
 # ---- start-up ----------------------------------------------------------------------------
 
-IOC_COMMANDS = {"ioc": ["sfbw_ioc.cli", "--simulate"],
-                "group": ["sfbw_ioc.group.cli", "--member", "ABSENT:"]}
+IOC_COMMANDS = {"ioc": ("sfbw_ioc.cli", ["--simulate"]),
+                "group": ("sfbw_ioc.group.cli", ["--member", "ABSENT:"])}
 
 
 def run_cli(tmp_path: Path, port: int, *args: str, ioc: str = "ioc"
             ) -> subprocess.CompletedProcess:
-    env = {**os.environ, **ioc_environment(port)}
-    return subprocess.run([sys.executable, "-m", *IOC_COMMANDS[ioc],
-                           "--prefix", unique_prefix("ACB"), "--output-root",
-                           str(tmp_path / "data"), *args],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    module, options = IOC_COMMANDS[ioc]
+    return run_ioc(port, unique_prefix("ACB"),
+                   [*options, "--output-root", str(tmp_path / "data"), *args], module=module)
 
 
 @pytest.mark.parametrize("ioc", IOC_COMMANDS)

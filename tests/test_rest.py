@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import socket
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -17,7 +14,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from sfbw_ioc.testing.ioc import REPO, IocProcess, free_port, ioc_environment, poll, unique_prefix
+from sfbw_ioc.testing.ioc import IocProcess, free_port, poll, run_ioc, unique_prefix
 from sfbw_ioc.testing.sources import BsreadSource, timestamp_for
 from sfbw_ioc.testing.files import assert_rows
 
@@ -277,11 +274,8 @@ def test_a_rest_port_in_use_fails_start_up(tmp_path, ca_ports):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "sfbw_ioc.cli", "--prefix", unique_prefix("RESTX"),
-             "--stream", "tcp://127.0.0.1:9", "--output-root", str(tmp_path),
-             "--rest-port", str(port), "--watchdog-seconds", "0"],
-            env={**os.environ, **ioc_environment(ca_ports())}, cwd=REPO,
-            capture_output=True, text=True, timeout=60)
+        result = run_ioc(ca_ports(), unique_prefix("RESTX"),
+                         ["--stream", "tcp://127.0.0.1:9", "--output-root", str(tmp_path),
+                          "--rest-port", str(port), "--watchdog-seconds", "0"])
     assert result.returncode == 1, result.stderr
     assert f"cannot serve the REST API on 127.0.0.1:{port}" in result.stderr
